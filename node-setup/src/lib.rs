@@ -1,0 +1,1 @@
+//! Node setup shared by the CNI plugin, the resolver daemon and the installer.

@@ -16,7 +16,15 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod desired;
+pub mod links;
+mod lock;
+pub mod rules;
 pub mod stats;
+
+use desired::{DesiredState, Family, RuleDiff, SavedRule};
+use links::{Links, NetState, Netlink};
+use rules::{Backend, Iptables, RuleTable};
 
 pub const DEFAULT_INTERFACE: &str = "nodelocaldns";
 pub const DEFAULT_LOCAL_IP: &str = "169.254.20.10";
@@ -79,6 +87,8 @@ pub struct SetupReport {
     pub link_kind: String,
     /// Human-readable list of changes made (empty on the fast path).
     pub changes: Vec<String>,
+    /// iptables backend programmed: "legacy" or "nft".
+    pub iptables_backend: String,
 }
 
 /// One piece of desired state that is not in place.
@@ -92,12 +102,46 @@ pub enum Missing {
         chain: String,
         spec: String,
     },
-    /// Rule present but not at the top of its chain.
+    /// Rule present but not at the top of its chain (or present more than once there).
     RuleNotFirst {
         table: String,
         chain: String,
         spec: String,
     },
+    /// Rule present more than once.
+    RuleDuplicated {
+        table: String,
+        chain: String,
+        spec: String,
+    },
+    /// A rule tagged as ours that the configuration does not want (old ClusterIP, other
+    /// socketMatch): `ensure_node` deletes it.
+    UnwantedRule {
+        table: String,
+        chain: String,
+        spec: String,
+    },
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::Interface(name) => write!(f, "interface {name} missing"),
+            Missing::Address(ip) => write!(f, "address {ip} missing"),
+            Missing::Rule { table, chain, spec } => {
+                write!(f, "rule missing: -t {table} -A {chain} {spec}")
+            }
+            Missing::RuleNotFirst { table, chain, spec } => {
+                write!(f, "rule not at the top: -t {table} -A {chain} {spec}")
+            }
+            Missing::RuleDuplicated { table, chain, spec } => {
+                write!(f, "rule duplicated: -t {table} -A {chain} {spec}")
+            }
+            Missing::UnwantedRule { table, chain, spec } => {
+                write!(f, "stale rule: -t {table} -A {chain} {spec}")
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +156,8 @@ pub enum SetupError {
     Iptables { cmd: String, msg: String },
     #[error("netlink: {0}")]
     Netlink(String),
+    #[error("invalid node config: {0}")]
+    Config(String),
 }
 
 impl SetupError {
@@ -123,21 +169,200 @@ impl SetupError {
             SetupError::Address { .. } => "address_add",
             SetupError::Iptables { .. } => "iptables",
             SetupError::Netlink(_) => "netlink",
+            SetupError::Config(_) => "config",
         }
     }
 }
 
+impl NodeConfig {
+    /// Rejects what the kernel would reject later with a less clear message.
+    pub fn validate(&self) -> Result<(), SetupError> {
+        let name = &self.interface;
+        // IFNAMSIZ is 16 including the NUL.
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." {
+            return Err(SetupError::Config(format!(
+                "interface name {name:?} is not a valid Linux interface name (1-15 characters, no '/' or spaces)"
+            )));
+        }
+        if self.cluster_dns.is_empty() {
+            return Err(SetupError::Config("no kube-dns ClusterIP given".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What one look at the namespace found (one netlink dump, one raw `-save` per family).
+struct Observed {
+    net: NetState,
+    rules: Vec<(Family, RuleDiff, Vec<SavedRule>)>,
+}
+
+impl Observed {
+    fn missing(&self, desired: &DesiredState) -> Vec<Missing> {
+        let mut out = Vec::new();
+        if self.net.link(&desired.interface).is_none() {
+            out.push(Missing::Interface(desired.interface.clone()));
+        }
+        out.extend(
+            links::absent_addresses(desired, &self.net)
+                .into_iter()
+                .map(|a| Missing::Address(a.ip)),
+        );
+        for (family, diff, _) in &self.rules {
+            let wanted: Vec<&desired::Rule> = desired.rules_of(*family).collect();
+            out.extend(desired::rule_diff_to_missing(diff, &wanted));
+        }
+        out
+    }
+
+    fn link_kind(&self, desired: &DesiredState) -> String {
+        self.net
+            .link(&desired.interface)
+            .map(|l| l.kind.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn observe(
+    desired: &DesiredState,
+    links: &dyn Links,
+    table: &dyn RuleTable,
+) -> Result<Observed, SetupError> {
+    let net = links.dump()?;
+    let mut rules = Vec::new();
+    for family in desired.rule_families() {
+        let (diff, saved) = rules::observe_family(table, desired, family)?;
+        rules.push((family, diff, saved));
+    }
+    Ok(Observed { net, rules })
+}
+
+/// Where the lock lives and how long to wait for it.
+struct LockSpec<'a> {
+    path: &'a std::path::Path,
+    timeout: Duration,
+}
+
+/// The whole ensure flow over the two traits: look without the lock (fast path: everything in
+/// place, nothing written), otherwise take the lock, look again (another ADD may have fixed it
+/// meanwhile) and repair what is still missing.
+fn ensure_with(
+    desired: &DesiredState,
+    links: &dyn Links,
+    table: &dyn RuleTable,
+    lock: &LockSpec<'_>,
+) -> Result<(String, Vec<String>), SetupError> {
+    let first = observe(desired, links, table)?;
+    if first.missing(desired).is_empty() {
+        return Ok((first.link_kind(desired), Vec::new()));
+    }
+    let _guard = lock::acquire(lock.path, lock.timeout)?;
+    let now = observe(desired, links, table)?;
+    let mut changes = Vec::new();
+    let net = repair_links(desired, links, &now.net, &mut changes)?;
+    for (family, diff, saved) in &now.rules {
+        if !diff.is_clean() {
+            changes.extend(rules::repair_family(table, desired, *family, diff, saved)?);
+        }
+    }
+    let kind = net
+        .link(&desired.interface)
+        .map(|l| l.kind.clone())
+        .unwrap_or_default();
+    Ok((kind, changes))
+}
+
+/// Creates the interface if needed and adds the addresses no interface carries yet.
+fn repair_links(
+    desired: &DesiredState,
+    links: &dyn Links,
+    net: &NetState,
+    changes: &mut Vec<String>,
+) -> Result<NetState, SetupError> {
+    let mut net = net.clone();
+    if net.link(&desired.interface).is_none() {
+        if let Some(kind) = links::create_link(links, &desired.interface)? {
+            changes.push(format!("created interface {} ({kind})", desired.interface));
+        }
+        net = links.dump()?;
+    }
+    let index = net
+        .link(&desired.interface)
+        .map(|l| l.index)
+        .ok_or_else(|| SetupError::Interface {
+            name: desired.interface.clone(),
+            msg: "not found right after it was created".into(),
+        })?;
+    let absent = links::absent_addresses(desired, &net);
+    for addr in &absent {
+        links.add_address(index, *addr)?;
+        changes.push(format!(
+            "added {}/{} to {}",
+            addr.ip, addr.prefix, desired.interface
+        ));
+    }
+    if !absent.is_empty() {
+        net = links.dump()?;
+    }
+    Ok(net)
+}
+
 /// Makes the node state match `cfg` in the calling thread's network namespace.
-pub fn ensure_node(_cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
-    todo!("node-setup work")
+pub fn ensure_node(cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
+    cfg.validate()?;
+    let desired = DesiredState::from_config(cfg);
+    let backend = rules::resolve_backend(cfg.backend)?;
+    let links = Netlink::open()?;
+    let lock = LockSpec {
+        path: &cfg.lock_path,
+        timeout: cfg.lock_timeout,
+    };
+    let (link_kind, changes) = ensure_with(&desired, &links, &Iptables::new(backend), &lock)?;
+    Ok(SetupReport {
+        link_kind,
+        changes,
+        iptables_backend: backend.name().to_string(),
+    })
 }
 
 /// Lists what is missing; changes nothing.
-pub fn check_node(_cfg: &NodeConfig) -> Result<Vec<Missing>, SetupError> {
-    todo!("node-setup work")
+pub fn check_node(cfg: &NodeConfig) -> Result<Vec<Missing>, SetupError> {
+    cfg.validate()?;
+    let desired = DesiredState::from_config(cfg);
+    let backend = rules::resolve_backend(cfg.backend)?;
+    let links = Netlink::open()?;
+    Ok(observe(&desired, &links, &Iptables::new(backend))?.missing(&desired))
 }
 
 /// Removes the interface and our rules (uninstall with --teardown-node only).
-pub fn teardown_node(_cfg: &NodeConfig) -> Result<(), SetupError> {
-    todo!("node-setup work")
+pub fn teardown_node(cfg: &NodeConfig) -> Result<(), SetupError> {
+    cfg.validate()?;
+    let backend = rules::resolve_backend(cfg.backend)?;
+    let links = Netlink::open()?;
+    let _guard = lock::acquire(&cfg.lock_path, cfg.lock_timeout)?;
+    teardown_with(cfg, &links, &Iptables::new(backend))
 }
+
+fn teardown_with(
+    cfg: &NodeConfig,
+    links: &dyn Links,
+    table: &dyn RuleTable,
+) -> Result<(), SetupError> {
+    let families: std::collections::BTreeSet<Family> =
+        cfg.cluster_dns.iter().map(Family::of).collect();
+    for family in families {
+        rules::remove_ours(table, family)?;
+    }
+    if let Some(link) = links.dump()?.link(&cfg.interface) {
+        links.delete_link(link.index)?;
+    }
+    Ok(())
+}
+
+/// The backend `Auto` resolves to on this node right now.
+pub fn detect_backend(requested: IptablesBackend) -> Result<&'static str, SetupError> {
+    rules::resolve_backend(requested).map(Backend::name)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,375 @@
+//! Unit tests of the ensure/check/teardown flow over fake links and a fake raw table.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::*;
+use crate::desired::{Address, Family, output_rule, prerouting_rule};
+use crate::links::{AddLinkError, Link, NetState};
+
+struct FakeLinks {
+    has_dummy: bool,
+    state: RefCell<NetState>,
+}
+
+impl FakeLinks {
+    fn new(has_dummy: bool) -> FakeLinks {
+        let lo = Link {
+            index: 1,
+            name: "lo".into(),
+            kind: String::new(),
+        };
+        FakeLinks {
+            has_dummy,
+            state: RefCell::new(NetState {
+                links: vec![lo],
+                addresses: vec![(1, "127.0.0.1".parse().unwrap())],
+            }),
+        }
+    }
+
+    fn addresses_on(&self, name: &str) -> Vec<IpAddr> {
+        let st = self.state.borrow();
+        let idx = st.link(name).unwrap().index;
+        st.addresses
+            .iter()
+            .filter(|(i, _)| *i == idx)
+            .map(|(_, a)| *a)
+            .collect()
+    }
+}
+
+impl Links for FakeLinks {
+    fn dump(&self) -> Result<NetState, SetupError> {
+        Ok(self.state.borrow().clone())
+    }
+    fn add_link(&self, name: &str, kind: &str) -> Result<(), AddLinkError> {
+        if kind == "dummy" && !self.has_dummy {
+            return Err(AddLinkError::Unsupported);
+        }
+        let mut st = self.state.borrow_mut();
+        if st.link(name).is_some() {
+            return Err(AddLinkError::Exists);
+        }
+        let index = st.links.len() as u32 + 1;
+        st.links.push(Link {
+            index,
+            name: name.into(),
+            kind: kind.into(),
+        });
+        Ok(())
+    }
+    fn add_address(&self, index: u32, addr: Address) -> Result<(), SetupError> {
+        self.state.borrow_mut().addresses.push((index, addr.ip));
+        Ok(())
+    }
+    fn delete_link(&self, index: u32) -> Result<(), SetupError> {
+        let mut st = self.state.borrow_mut();
+        st.links.retain(|l| l.index != index);
+        st.addresses.retain(|(i, _)| *i != index);
+        Ok(())
+    }
+}
+
+/// A raw table per family, as (chain, spec) in order; counts the saves and edits.
+#[derive(Default)]
+struct FakeTable {
+    rules: RefCell<BTreeMap<Family, Vec<(String, String)>>>,
+    edits: RefCell<usize>,
+}
+
+impl FakeTable {
+    fn chain(&self, family: Family, chain: &str) -> Vec<String> {
+        self.rules
+            .borrow()
+            .get(&family)
+            .map(|r| {
+                r.iter()
+                    .filter(|(c, _)| c == chain)
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn push_first(&self, family: Family, chain: &str, spec: &str) {
+        self.rules
+            .borrow_mut()
+            .entry(family)
+            .or_default()
+            .insert(0, (chain.into(), spec.into()));
+    }
+}
+
+impl RuleTable for FakeTable {
+    fn save_raw(&self, family: Family) -> Result<String, SetupError> {
+        let mut out = String::from("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+        for (chain, spec) in self.rules.borrow().get(&family).into_iter().flatten() {
+            out.push_str(&format!("-A {chain} {spec}\n"));
+        }
+        out.push_str("COMMIT\n");
+        Ok(out)
+    }
+    fn insert_first(&self, family: Family, chain: &str, spec: &str) -> Result<(), SetupError> {
+        *self.edits.borrow_mut() += 1;
+        self.push_first(family, chain, spec);
+        Ok(())
+    }
+    fn delete(&self, family: Family, chain: &str, spec: &str) -> Result<(), SetupError> {
+        *self.edits.borrow_mut() += 1;
+        let mut all = self.rules.borrow_mut();
+        let rules = all.entry(family).or_default();
+        if let Some(pos) = rules.iter().position(|(c, s)| c == chain && s == spec) {
+            rules.remove(pos);
+        }
+        Ok(())
+    }
+}
+
+const CLUSTER: &str = "10.96.0.10";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn cfg(cluster: &[&str]) -> NodeConfig {
+    NodeConfig::new(cluster.iter().map(|s| ip(s)).collect())
+}
+
+fn run_ensure(
+    cfg: &NodeConfig,
+    links: &FakeLinks,
+    table: &FakeTable,
+) -> (String, Vec<String>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let lock_path = dir.path().join("setup.lock");
+    let lock = LockSpec {
+        path: &lock_path,
+        timeout: Duration::from_secs(1),
+    };
+    let (kind, changes) =
+        ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap();
+    (kind, changes, dir)
+}
+
+fn missing(cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Vec<Missing> {
+    let desired = DesiredState::from_config(cfg);
+    observe(&desired, links, table).unwrap().missing(&desired)
+}
+
+fn udp_pre() -> String {
+    prerouting_rule(ip(CLUSTER), "udp", SocketMatch::Safe).save_spec()
+}
+
+#[test]
+fn rules_are_in_iptables_save_form() {
+    assert_eq!(
+        udp_pre(),
+        "-d 10.96.0.10/32 -p udp -m udp --dport 53 -m socket -m comment --comment \
+         \"node-local-dns: udp to 10.96.0.10 goes to the local cache when it listens\" -j NOTRACK"
+    );
+    assert_eq!(
+        output_rule(ip("fd00::a"), "tcp").save_spec(),
+        "-s fd00::a/128 -p tcp -m tcp --sport 53 -m comment --comment \
+         \"node-local-dns: tcp replies from fd00::a are not tracked\" -j NOTRACK"
+    );
+    let nowild = prerouting_rule(ip(CLUSTER), "tcp", SocketMatch::NoWildcard).save_spec();
+    assert!(
+        nowild.contains("-m socket --nowildcard -m comment"),
+        "{nowild}"
+    );
+}
+
+#[test]
+fn desired_state_has_addresses_and_four_rules_per_cluster_ip() {
+    let d = DesiredState::from_config(&cfg(&[CLUSTER, "fd00::a"]));
+    let addrs: Vec<(IpAddr, u8)> = d.addresses.iter().map(|a| (a.ip, a.prefix)).collect();
+    assert_eq!(
+        addrs,
+        vec![
+            (ip(CLUSTER), 32),
+            (ip("fd00::a"), 128),
+            (ip("169.254.20.10"), 32)
+        ]
+    );
+    assert_eq!(d.rules_of(Family::V4).count(), 4);
+    assert_eq!(d.rules_of(Family::V6).count(), 4);
+    // PREROUTING rules come first: they are inserted last, at position 1.
+    assert_eq!(d.rules[0].chain, "PREROUTING");
+}
+
+#[test]
+fn fresh_node_falls_back_to_bridge_and_gets_everything() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let c = cfg(&[CLUSTER]);
+    let (kind, changes, _d) = run_ensure(&c, &links, &table);
+    assert_eq!(kind, "bridge");
+    assert!(!changes.is_empty());
+    assert_eq!(
+        links.addresses_on("nodelocaldns"),
+        vec![ip(CLUSTER), ip("169.254.20.10")]
+    );
+    let pre = table.chain(Family::V4, "PREROUTING");
+    assert_eq!(pre.len(), 2);
+    assert_eq!(pre[0], udp_pre());
+    assert_eq!(table.chain(Family::V4, "OUTPUT").len(), 2);
+    assert!(missing(&c, &links, &table).is_empty());
+}
+
+#[test]
+fn dummy_is_used_when_the_kernel_has_it() {
+    let (links, table) = (FakeLinks::new(true), FakeTable::default());
+    let (kind, _, _d) = run_ensure(&cfg(&[CLUSTER]), &links, &table);
+    assert_eq!(kind, "dummy");
+}
+
+#[test]
+fn second_ensure_is_the_fast_path_and_takes_no_lock() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let c = cfg(&[CLUSTER]);
+    run_ensure(&c, &links, &table);
+    let edits = *table.edits.borrow();
+    let (kind, changes, dir) = run_ensure(&c, &links, &table);
+    assert_eq!((kind.as_str(), changes.len()), ("bridge", 0));
+    assert_eq!(*table.edits.borrow(), edits);
+    assert!(!dir.path().join("setup.lock").exists());
+}
+
+#[test]
+fn address_on_another_interface_is_not_duplicated() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    links
+        .state
+        .borrow_mut()
+        .addresses
+        .push((1, ip("169.254.20.10")));
+    run_ensure(&cfg(&[CLUSTER]), &links, &table);
+    assert_eq!(links.addresses_on("nodelocaldns"), vec![ip(CLUSTER)]);
+}
+
+#[test]
+fn foreign_accept_above_our_rules_is_moved_below() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let c = cfg(&[CLUSTER]);
+    run_ensure(&c, &links, &table);
+    table.push_first(Family::V4, "PREROUTING", "-j ACCEPT");
+    let m = missing(&c, &links, &table);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(m.iter().all(|m| matches!(m, Missing::RuleNotFirst { .. })));
+    run_ensure(&c, &links, &table);
+    let pre = table.chain(Family::V4, "PREROUTING");
+    assert_eq!(pre.len(), 3);
+    assert_eq!(pre[0], udp_pre());
+    assert_eq!(pre[2], "-j ACCEPT");
+}
+
+#[test]
+fn deleted_and_duplicated_rules_are_repaired_to_one_copy() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let c = cfg(&[CLUSTER]);
+    run_ensure(&c, &links, &table);
+    let out_udp = output_rule(ip(CLUSTER), "udp").save_spec();
+    table.delete(Family::V4, "PREROUTING", &udp_pre()).unwrap();
+    table.push_first(Family::V4, "OUTPUT", &out_udp);
+    let m = missing(&c, &links, &table);
+    assert!(m.contains(&Missing::Rule {
+        table: "raw".into(),
+        chain: "PREROUTING".into(),
+        spec: udp_pre()
+    }));
+    assert!(
+        m.iter()
+            .any(|m| matches!(m, Missing::RuleDuplicated { .. }))
+    );
+    run_ensure(&c, &links, &table);
+    assert!(missing(&c, &links, &table).is_empty());
+    let out = table.chain(Family::V4, "OUTPUT");
+    assert_eq!(out.iter().filter(|s| **s == out_udp).count(), 1);
+    assert_eq!(table.chain(Family::V4, "PREROUTING")[0], udp_pre());
+}
+
+#[test]
+fn stale_rules_of_ours_are_removed_and_foreign_rules_kept() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    run_ensure(&cfg(&["10.96.0.99"]), &links, &table);
+    table.push_first(Family::V4, "OUTPUT", "-j CT --notrack");
+    let c = cfg(&[CLUSTER]);
+    let m = missing(&c, &links, &table);
+    assert_eq!(
+        m.iter()
+            .filter(|m| matches!(m, Missing::UnwantedRule { .. }))
+            .count(),
+        4
+    );
+    run_ensure(&c, &links, &table);
+    assert!(missing(&c, &links, &table).is_empty());
+    let all: Vec<String> = ["PREROUTING", "OUTPUT"]
+        .iter()
+        .flat_map(|ch| table.chain(Family::V4, ch))
+        .collect();
+    assert_eq!(all.len(), 5);
+    assert!(!all.iter().any(|s| s.contains("10.96.0.99")));
+    assert!(all.contains(&"-j CT --notrack".to_string()));
+}
+
+#[test]
+fn dual_stack_programs_each_family_separately() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    run_ensure(&cfg(&[CLUSTER, "fd00::a"]), &links, &table);
+    for fam in [Family::V4, Family::V6] {
+        assert_eq!(table.chain(fam, "PREROUTING").len(), 2);
+        assert_eq!(table.chain(fam, "OUTPUT").len(), 2);
+    }
+    assert!(table.chain(Family::V6, "PREROUTING")[0].starts_with("-d fd00::a/128 -p udp"));
+}
+
+#[test]
+fn check_lists_everything_on_a_fresh_node() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let m = missing(&cfg(&[CLUSTER]), &links, &table);
+    assert_eq!(m[0], Missing::Interface("nodelocaldns".into()));
+    assert_eq!(
+        m.iter()
+            .filter(|m| matches!(m, Missing::Address(_)))
+            .count(),
+        2
+    );
+    assert_eq!(
+        m.iter()
+            .filter(|m| matches!(m, Missing::Rule { .. }))
+            .count(),
+        4
+    );
+    assert_eq!(*table.edits.borrow(), 0);
+}
+
+#[test]
+fn teardown_removes_our_rules_and_interface_only() {
+    let (links, table) = (FakeLinks::new(false), FakeTable::default());
+    let c = cfg(&[CLUSTER]);
+    run_ensure(&c, &links, &table);
+    table.push_first(Family::V4, "PREROUTING", "-j ACCEPT");
+    teardown_with(&c, &links, &table).unwrap();
+    assert_eq!(table.chain(Family::V4, "PREROUTING"), vec!["-j ACCEPT"]);
+    assert!(table.chain(Family::V4, "OUTPUT").is_empty());
+    assert!(links.state.borrow().link("nodelocaldns").is_none());
+}
+
+#[test]
+fn backend_heuristic_prefers_more_kube_chains_and_nft_on_tie() {
+    use crate::rules::{Backend, count_kube_chains, pick_backend};
+    let save = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
+    assert_eq!(count_kube_chains(save), 2);
+    assert_eq!(pick_backend(2, 0), Backend::Legacy);
+    assert_eq!(pick_backend(0, 2), Backend::Nft);
+    assert_eq!(pick_backend(3, 3), Backend::Nft);
+}
+
+#[test]
+fn invalid_config_is_rejected_with_a_clear_error() {
+    let mut c = cfg(&[CLUSTER]);
+    c.interface = "a-name-longer-than-15".into();
+    assert_eq!(c.validate().unwrap_err().kind(), "config");
+    assert!(cfg(&[]).validate().is_err());
+}

@@ -1,0 +1,42 @@
+use std::path::PathBuf;
+
+/// Everything the installer can fail on. Each variant names the file it concerns so the log
+/// line alone tells the operator what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON ({msg}); left untouched, will retry")]
+    Unparsable { path: PathBuf, msg: String },
+    #[error("{path}: not a usable CNI config: {msg}; left untouched")]
+    InvalidConfig { path: PathBuf, msg: String },
+    #[error("{path}: changed while we were editing it (the primary CNI is writing it); will retry")]
+    ChangedDuringEdit { path: PathBuf },
+    #[error("no CNI config (.conf/.conflist/.json) in {dir} yet; waiting for the primary CNI")]
+    NoConfig { dir: PathBuf },
+    #[error("plugin binary {path} failed the CNI_COMMAND=VERSION check: {msg}")]
+    PluginCheck { path: PathBuf, msg: String },
+    #[error("{path}: cniVersion {version} is not supported by the plugin (supports {supported})")]
+    UnsupportedVersion {
+        path: PathBuf,
+        version: String,
+        supported: String,
+    },
+    #[error("node teardown: {0}")]
+    Teardown(#[from] node_setup::SetupError),
+    #[error("file watch on {path}: {msg}")]
+    Watch { path: PathBuf, msg: String },
+}
+
+impl InstallError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        InstallError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

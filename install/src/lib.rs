@@ -1,0 +1,14 @@
+//! node-local-dns-install: puts the node-local-dns CNI plugin on a node and keeps it there.
+//!
+//! Flow: `plugin_binary` copies and proves the plugin binary, `confdir` picks the conflist the
+//! runtime uses and edits it through `conflist` (pure JSON edits) and `atomic` (temp file +
+//! fsync + rename), and `watch` repeats that on every change of the conf dir and on a timer.
+
+pub mod atomic;
+pub mod confdir;
+pub mod conflist;
+pub mod error;
+pub mod plugin_binary;
+pub mod watch;
+
+pub use error::InstallError;

@@ -1,0 +1,145 @@
+//! The plugin binary in the node's CNI bin dir: copied atomically, and proven to run with
+//! `CNI_COMMAND=VERSION` before and after it takes the place of the old one.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::InstallError;
+use crate::atomic::{self, FileMode};
+use crate::conflist::PLUGIN_TYPE;
+
+/// How long the VERSION probe may take; a plugin that hangs is as bad as one that fails.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `ensure_binary` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryOutcome {
+    pub path: PathBuf,
+    pub replaced: bool,
+    /// `supportedVersions` the installed binary reported.
+    pub supported_versions: Vec<String>,
+}
+
+/// Where the plugin lives in `bin_dir`: runtimes look it up by its `type`.
+pub fn installed_path(bin_dir: &Path) -> PathBuf {
+    bin_dir.join(PLUGIN_TYPE)
+}
+
+/// Makes `bin_dir/node-local-dns` a byte-identical copy of `source` that answers VERSION.
+/// A source that fails the probe never replaces the installed binary.
+pub fn ensure_binary(source: &Path, bin_dir: &Path) -> Result<BinaryOutcome, InstallError> {
+    let target = installed_path(bin_dir);
+    let wanted = fs::read(source).map_err(|e| InstallError::io(source, e))?;
+    let replaced = if fs::read(&target).ok().as_deref() == Some(wanted.as_slice()) {
+        false
+    } else {
+        install_new(&wanted, &target)?;
+        true
+    };
+    let supported_versions = probe_version(&target)?;
+    Ok(BinaryOutcome {
+        path: target,
+        replaced,
+        supported_versions,
+    })
+}
+
+/// Removes the installed binary; a missing one is success.
+pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
+    atomic::remove_durably(&installed_path(bin_dir))
+}
+
+fn install_new(contents: &[u8], target: &Path) -> Result<(), InstallError> {
+    fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| InstallError::io(target, e))?;
+    let staged = atomic::stage(target, contents, FileMode::new(0o755))?;
+    let proven = probe_version(&staged).and_then(|_| atomic::commit(&staged, target));
+    if proven.is_err() {
+        let _ = fs::remove_file(&staged);
+    }
+    proven
+}
+
+/// Runs `path` as the CNI runtime would for VERSION and returns its `supportedVersions`.
+pub fn probe_version(path: &Path) -> Result<Vec<String>, InstallError> {
+    let fail = |msg: String| InstallError::PluginCheck {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut child = Command::new(path)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // The spec passes the config's cniVersion on stdin; a plugin may ignore it.
+        let _ = stdin.write_all(br#"{"cniVersion":"1.0.0"}"#);
+    }
+    let status = wait_bounded(&mut child).map_err(fail)?;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout
+            .read_to_string(&mut out)
+            .map_err(|e| fail(format!("reading stdout: {e}")))?;
+    }
+    if !status.success() {
+        return Err(fail(format!("exit {status}, stdout {out:?}")));
+    }
+    parse_supported_versions(&out).map_err(fail)
+}
+
+fn wait_bounded(child: &mut std::process::Child) -> Result<std::process::ExitStatus, String> {
+    let deadline = Instant::now() + VERSION_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("no answer within {VERSION_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("wait: {e}")),
+        }
+    }
+}
+
+fn parse_supported_versions(stdout: &str) -> Result<Vec<String>, String> {
+    let doc: Value = serde_json::from_str(stdout)
+        .map_err(|e| format!("stdout is not JSON ({e}): {stdout:?}"))?;
+    let versions: Vec<String> = doc
+        .get("supportedVersions")
+        .and_then(Value::as_array)
+        .map(|vs| {
+            vs.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if versions.is_empty() {
+        return Err(format!("no supportedVersions in {stdout:?}"));
+    }
+    Ok(versions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_output_is_parsed() {
+        let out = r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.0","1.1.0"]}"#;
+        assert_eq!(parse_supported_versions(out).unwrap(), ["0.3.0", "1.1.0"]);
+        assert!(parse_supported_versions("").is_err());
+        assert!(parse_supported_versions(r#"{"cniVersion":"1.0.0"}"#).is_err());
+    }
+}

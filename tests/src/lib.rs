@@ -1,7 +1,53 @@
 //! The simulated node: a Kubernetes node built from network namespaces, shared by the
 //! end-to-end tests and the demo.
+//!
+//! [`SimNode`] puts together: the node netns with kube-proxy's nat rules and two knotd cluster
+//! DNS pods ([`node`], [`clusterdns`], [`iptables`]); the node's private mount namespace and a
+//! real runtime, podman or containerd ([`runtime`]); `node-local-dns-install` chaining our
+//! plugin into the bridge conflist ([`install`]); the resolver daemon started as its DaemonSet
+//! would ([`daemon`]); and clients ([`dns`], [`metrics`]). Everything is torn down on drop.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+
+pub mod clusterdns;
+pub mod cmd;
+pub mod daemon;
+pub mod dns;
+pub mod install;
+pub mod iptables;
+pub mod metrics;
+pub mod netns;
+pub mod node;
+pub mod runtime;
+
+pub use daemon::{Daemon, DaemonOptions};
+pub use iptables::Backend;
+pub use node::{Node, NodeOptions};
+pub use runtime::{NodeFs, Pod, Runtime, RuntimeHost};
+
+/// Everything that can go wrong building or driving the simulated node.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("cannot start {command}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr} {stdout}")]
+    CommandFailed {
+        command: String,
+        status: String,
+        stderr: String,
+        stdout: String,
+    },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("binary {0:?} not built: run `cargo build --workspace --bins` first")]
+    MissingBinary(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
 
 /// Path of one of the workspace's binaries (`node-local-dns`, `node-local-dns-resolver`,
 /// `node-local-dns-install`). `NLD_BIN_DIR` overrides the directory; otherwise the target
@@ -14,6 +60,133 @@ pub fn bin_path(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     target.join(profile).join(name)
+}
+
+/// How to build a [`SimNode`].
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    pub backend: Backend,
+    pub dual_stack: bool,
+    pub runtime: Runtime,
+    /// cniVersion of the bridge conflist the node's primary CNI wrote.
+    pub cni_version: &'static str,
+    /// Run `node-local-dns-install install --once` on the conflist before any pod starts.
+    pub install: bool,
+}
+
+impl SimOptions {
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            dual_stack: false,
+            runtime: Runtime::Podman,
+            cni_version: "1.0.0",
+            install: true,
+        }
+    }
+}
+
+/// A whole node: fields drop in order, so pods go before the runtime, the runtime before the
+/// node's filesystem, and that before the namespaces.
+#[derive(Debug)]
+pub struct SimNode {
+    pub daemons: Vec<Daemon>,
+    pub runtime: RuntimeHost,
+    pub fs: NodeFs,
+    pub node: Node,
+    pub opts: SimOptions,
+    daemon_count: u32,
+}
+
+/// File name of the bridge conflist the primary CNI writes.
+pub const BRIDGE_CONFLIST: &str = "10-bridge.conflist";
+
+impl SimNode {
+    pub fn new(opts: SimOptions) -> Result<Self, HarnessError> {
+        let node = Node::new(NodeOptions {
+            backend: opts.backend,
+            dual_stack: opts.dual_stack,
+        })?;
+        let fs = NodeFs::new(node.path(), node.dir.path())?;
+        let runtime = RuntimeHost::start(opts.runtime, &fs)?;
+        let conf = format!("{}/{BRIDGE_CONFLIST}", runtime::CNI_CONF_DIR);
+        fs.write_file(
+            &conf,
+            &runtime::bridge_conflist(opts.cni_version, opts.dual_stack),
+        )?;
+        let sim = Self {
+            daemons: Vec::new(),
+            runtime,
+            fs,
+            node,
+            opts,
+            daemon_count: 0,
+        };
+        if opts.install {
+            install::install(&sim.fs, &sim.cluster_dns(), &[])?;
+        }
+        Ok(sim)
+    }
+
+    /// The kube-dns ClusterIPs of this node's cluster (IPv4, and IPv6 when dual-stack).
+    pub fn cluster_dns(&self) -> Vec<IpAddr> {
+        let mut v = vec![self.node.cluster_ip()];
+        if self.opts.dual_stack {
+            v.push(self.node.cluster_ip6());
+        }
+        v
+    }
+
+    /// The conflist the runtime reads.
+    pub fn conflist(&self) -> Result<serde_json::Value, HarnessError> {
+        let text = self
+            .fs
+            .read_file(&format!("{}/{BRIDGE_CONFLIST}", runtime::CNI_CONF_DIR))?;
+        serde_json::from_str(&text).map_err(|e| HarnessError::Other(format!("conflist: {e}")))
+    }
+
+    /// Starts a pod in `namespace` whose resolv.conf points at the kube-dns ClusterIP.
+    pub fn run_pod(&mut self, namespace: &str) -> Result<Pod, HarnessError> {
+        let ns = self.node.cluster_ip();
+        self.runtime.run_pod(&self.fs, namespace, ns)
+    }
+
+    /// Options for the next daemon instance: fresh metrics/health ports, so an old and a new
+    /// instance can overlap as in a rolling update.
+    pub fn daemon_options(&mut self) -> DaemonOptions {
+        let mut o = DaemonOptions::new(
+            self.cluster_dns(),
+            node::NODE_IP.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        );
+        let n = self.daemon_count as u16;
+        o.metrics = SocketAddr::from(([127, 0, 0, 1], 9253 + n));
+        o.health = SocketAddr::from(([127, 0, 0, 1], 8080 + n));
+        o
+    }
+
+    /// Starts a daemon instance and waits until it answers; returns its index in `daemons`.
+    pub fn start_daemon(&mut self, opts: DaemonOptions) -> Result<usize, HarnessError> {
+        let log = self
+            .node
+            .dir
+            .path()
+            .join(format!("daemon{}.log", self.daemon_count));
+        self.daemon_count += 1;
+        let d = Daemon::start(&self.fs, self.node.path(), opts, log)?;
+        self.daemons.push(d);
+        Ok(self.daemons.len() - 1)
+    }
+
+    /// The most recently started daemon.
+    pub fn daemon(&mut self) -> Result<&mut Daemon, HarnessError> {
+        self.daemons
+            .last_mut()
+            .ok_or_else(|| HarnessError::Other("no daemon started".into()))
+    }
 }

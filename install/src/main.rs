@@ -1,5 +1,6 @@
 //! `node-local-dns-install`: wires the process (flags, env, signals, logs) to the library.
 
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::{Sender, channel};
@@ -135,6 +136,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -166,7 +168,7 @@ fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
     };
     if args.once {
         let done = watch::reconcile(&cfg)?;
-        tracing::info!(conf = ?done.conf.change, binary = %done.binary.path.display(), "installed");
+        watch::log_reconciled(&done);
         return Ok(());
     }
     // The conf dir may not exist before the primary CNI starts; watching needs it.

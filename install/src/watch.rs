@@ -63,7 +63,8 @@ pub fn reconcile_and_log(cfg: &InstallConfig) -> bool {
     }
 }
 
-fn log_reconciled(done: &Reconciled) {
+/// One log line per change made, a warning per skipped file, nothing else at info level.
+pub fn log_reconciled(done: &Reconciled) {
     if done.binary.replaced {
         tracing::info!(path = %done.binary.path.display(), versions = ?done.binary.supported_versions, "plugin binary installed");
     }

@@ -1,0 +1,662 @@
+//! Command line / environment configuration, parsed once at start into a validated `Config`.
+//!
+//! Every flag has an env equivalent `NODE_LOCAL_DNS_*`; the kube-dns ClusterIP may also come
+//! from `KUBE_DNS_SVC_IP` and the upstream source address from `NODE_IP` (downward API
+//! `status.hostIP`), read through the `Env` trait so tests drive it with a map.
+
+use crate::cache::CacheConfig;
+use clap::{Parser, ValueEnum};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_LOCAL_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 20, 10));
+/// Idle TCP connections are closed after at most this long (issue 2: <= 10 s).
+pub const MAX_TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamProto {
+    /// UDP only; a truncated upstream answer is passed on truncated.
+    Udp,
+    /// TCP only.
+    Tcp,
+    /// UDP, retried over TCP when the upstream answer has TC=1.
+    PreferUdp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Auto,
+    Legacy,
+    Nft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SocketMatchArg {
+    /// `-m socket` (ignores wildcard listeners; recommended).
+    Safe,
+    /// The seed's `-m socket --nowildcard` (captured by any 0.0.0.0:53 listener while down).
+    Nowildcard,
+}
+
+/// Node-local caching DNS forwarder that holds the kube-dns ClusterIP socket.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "node-local-dns-resolver", version, about)]
+pub struct Args {
+    /// Address to serve DNS on (UDP and TCP), IP[:PORT], repeatable or comma-separated.
+    /// Bound to that exact address with IP_FREEBIND. Default: the kube-dns ClusterIP(s) and
+    /// --local-ip, port 53.
+    #[arg(long, env = "NODE_LOCAL_DNS_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+
+    /// kube-dns ClusterIP(s), one per family (also read from KUBE_DNS_SVC_IP).
+    #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
+    pub cluster_dns: Vec<IpAddr>,
+
+    /// Link-local address(es) the cache also serves on and node setup adds to the interface.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_LOCAL_IP",
+        value_delimiter = ',',
+        default_value = "169.254.20.10"
+    )]
+    pub local_ip: Vec<IpAddr>,
+
+    /// Upstream server for cache misses, IP[:PORT], repeatable. Default: the kube-dns
+    /// ClusterIP(s) port 53 (kube-proxy DNATs them to the cluster DNS pods).
+    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+
+    /// Source address for upstream sockets whenever the kernel would pick a listen address.
+    /// Default: NODE_IP (downward API status.hostIP), else the default route's source.
+    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM_SOURCE")]
+    pub upstream_source: Option<IpAddr>,
+
+    /// Transport to the upstreams.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_UPSTREAM_PROTO",
+        value_enum,
+        default_value = "prefer-udp"
+    )]
+    pub upstream_proto: UpstreamProto,
+
+    /// Timeout of one upstream attempt (e.g. 800ms, 1s).
+    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
+    pub upstream_timeout: Duration,
+
+    /// Attempts per client query (each on the next healthy upstream); keep
+    /// attempts x timeout well under the client's 5 s.
+    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM_ATTEMPTS", default_value_t = 2)]
+    pub upstream_attempts: u32,
+
+    /// Cap on concurrent upstream queries; past it: stale answer if any, else SERVFAIL.
+    #[arg(long, env = "NODE_LOCAL_DNS_MAX_CONCURRENT", default_value_t = 1000)]
+    pub max_concurrent: usize,
+
+    /// Interval of the active upstream health check ('. IN NS').
+    #[arg(long, env = "NODE_LOCAL_DNS_HEALTH_CHECK_INTERVAL", value_parser = parse_duration, default_value = "2s")]
+    pub health_check_interval: Duration,
+
+    /// The cluster's DNS domain (see --external-to-resolv-conf).
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
+
+    /// Send names outside --cluster-domain (and its reverse zones) to the nameservers of
+    /// --resolv-conf instead of the upstreams.
+    #[arg(long, env = "NODE_LOCAL_DNS_EXTERNAL_TO_RESOLV_CONF")]
+    pub external_to_resolv_conf: bool,
+
+    /// resolv.conf read for --external-to-resolv-conf.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub resolv_conf: PathBuf,
+
+    /// UDP receive threads per listen address (SO_REUSEPORT).
+    #[arg(long, env = "NODE_LOCAL_DNS_THREADS", default_value_t = 1)]
+    pub threads: usize,
+
+    /// Tokio worker threads for misses, TCP, metrics.
+    #[arg(long, env = "NODE_LOCAL_DNS_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Maximum concurrent TCP connections (all listeners); past it new ones are closed.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_TCP_MAX_CONNECTIONS",
+        default_value_t = 1000
+    )]
+    pub tcp_max_connections: usize,
+
+    /// Idle timeout of client TCP connections (at most 10s).
+    #[arg(long, env = "NODE_LOCAL_DNS_TCP_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub tcp_idle_timeout: Duration,
+
+    /// Success cache capacity in entries.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_CACHE_SUCCESS_CAPACITY",
+        default_value_t = 120_000
+    )]
+    pub cache_success_capacity: usize,
+    /// Minimum TTL of cached answers.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_SUCCESS_MIN_TTL", value_parser = parse_duration, default_value = "5s")]
+    pub cache_success_min_ttl: Duration,
+    /// Maximum TTL of cached answers.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_SUCCESS_MAX_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub cache_success_max_ttl: Duration,
+    /// Denial (NXDOMAIN/NODATA) cache capacity in entries.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_CACHE_DENIAL_CAPACITY",
+        default_value_t = 65_536
+    )]
+    pub cache_denial_capacity: usize,
+    /// Minimum TTL of cached denials.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_DENIAL_MIN_TTL", value_parser = parse_duration, default_value = "1s")]
+    pub cache_denial_min_ttl: Duration,
+    /// Maximum TTL of cached denials.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_DENIAL_MAX_TTL", value_parser = parse_duration, default_value = "5s")]
+    pub cache_denial_max_ttl: Duration,
+    /// Overall cache memory budget in bytes (LRU eviction past it).
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
+    pub cache_max_bytes: usize,
+    /// How long expired entries may still be served when upstreams fail (RFC 8767).
+    #[arg(long, env = "NODE_LOCAL_DNS_STALE_WINDOW", value_parser = parse_duration, default_value = "1h")]
+    pub stale_window: Duration,
+    /// TTL given to stale answers.
+    #[arg(long, env = "NODE_LOCAL_DNS_STALE_TTL", default_value_t = 30)]
+    pub stale_ttl: u32,
+    /// Hits within --prefetch-window that make an entry eligible for prefetch.
+    #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_HITS", default_value_t = 10)]
+    pub prefetch_hits: u32,
+    /// Window for --prefetch-hits.
+    #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_WINDOW", value_parser = parse_duration, default_value = "1m")]
+    pub prefetch_window: Duration,
+    /// Prefetch when less than this percentage of the TTL is left.
+    #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_PERCENT", default_value_t = 25)]
+    pub prefetch_percent: u8,
+
+    /// Prometheus metrics address (/metrics).
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9253"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Health address (/health alive, /ready listening and an upstream answered).
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_HEALTH_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub health_listen: SocketAddr,
+
+    /// Do not touch the node (interface, addresses, iptables): for running on loopback.
+    #[arg(long, env = "NODE_LOCAL_DNS_NO_NODE_SETUP")]
+    pub no_node_setup: bool,
+    /// How often node setup is re-ensured.
+    #[arg(long, env = "NODE_LOCAL_DNS_SYNC_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    pub sync_interval: Duration,
+    /// Node-local interface holding the listen addresses.
+    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = "nodelocaldns")]
+    pub interface: String,
+    /// iptables backend to program.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub iptables_backend: Backend,
+    /// How the raw PREROUTING rules match the daemon's socket.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_SOCKET_MATCH",
+        value_enum,
+        default_value = "safe"
+    )]
+    pub socket_match: SocketMatchArg,
+    /// Lock file serialising node setup with the CNI plugin.
+    #[arg(long, env = "NODE_LOCAL_DNS_SETUP_LOCK", default_value = node_setup::DEFAULT_LOCK_PATH)]
+    pub setup_lock: PathBuf,
+    /// Directory of the CNI plugin's stats file (exported as node_local_dns_cni_*).
+    #[arg(long, env = "NODE_LOCAL_DNS_STATS_DIR", default_value = node_setup::DEFAULT_STATS_DIR)]
+    pub stats_dir: PathBuf,
+
+    /// Exit non-zero when the self-probe of the listeners fails this long (0s disables).
+    #[arg(long, env = "NODE_LOCAL_DNS_WATCHDOG_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
+    pub watchdog_timeout: Duration,
+    /// On SIGTERM: listeners close at once, in-flight queries get this long to finish.
+    #[arg(long, env = "NODE_LOCAL_DNS_GRACE_PERIOD", value_parser = parse_duration, default_value = "5s")]
+    pub grace_period: Duration,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log every query (client, name, type, rcode).
+    #[arg(long, env = "NODE_LOCAL_DNS_LOG_QUERIES")]
+    pub log_queries: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid address {value:?}: expected IP or IP:PORT ([v6]:PORT)")]
+    Address { value: String },
+    #[error("no listen address: give --listen or --cluster-dns / KUBE_DNS_SVC_IP")]
+    NoListen,
+    #[error("no upstream: give --upstream or --cluster-dns / KUBE_DNS_SVC_IP")]
+    NoUpstream,
+    #[error("listen address {0} is a wildcard; bind specific addresses only")]
+    Wildcard(IpAddr),
+    #[error("{name} must be {rule}")]
+    Range {
+        name: &'static str,
+        rule: &'static str,
+    },
+    #[error("KUBE_DNS_SVC_IP {0:?} is not an IP address")]
+    KubeDnsIp(String),
+    #[error("NODE_IP {0:?} is not an IP address")]
+    NodeIp(String),
+}
+
+/// Source of environment strings (real process env, or a map in tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub cluster_dns: Vec<IpAddr>,
+    pub local_ips: Vec<IpAddr>,
+    pub upstreams: Vec<SocketAddr>,
+    /// Explicit or NODE_IP source; `None` means "default route's source when needed".
+    pub upstream_source: Option<IpAddr>,
+    pub upstream_proto: UpstreamProto,
+    pub upstream_timeout: Duration,
+    pub upstream_attempts: u32,
+    pub max_concurrent: usize,
+    pub health_check_interval: Duration,
+    pub cluster_domain: String,
+    pub external_to_resolv_conf: bool,
+    pub resolv_conf: PathBuf,
+    pub threads: usize,
+    pub workers: usize,
+    pub tcp_max_connections: usize,
+    pub tcp_idle_timeout: Duration,
+    pub cache: CacheConfig,
+    pub metrics_listen: SocketAddr,
+    pub health_listen: SocketAddr,
+    pub node_setup: Option<node_setup::NodeConfig>,
+    pub sync_interval: Duration,
+    pub stats_dir: PathBuf,
+    pub watchdog_timeout: Option<Duration>,
+    pub grace_period: Duration,
+    pub log_format: LogFormat,
+    pub log_queries: bool,
+}
+
+impl Config {
+    pub fn from_args(args: Args, env: &dyn Env) -> Result<Self, ConfigError> {
+        let cluster_dns = cluster_dns(&args, env)?;
+        let listen = listen_addrs(&args, &cluster_dns)?;
+        let upstreams = upstream_addrs(&args, &cluster_dns)?;
+        let upstream_source = match args.upstream_source {
+            Some(ip) => Some(ip),
+            None => match env.var("NODE_IP") {
+                Some(v) => Some(v.parse().map_err(|_| ConfigError::NodeIp(v))?),
+                None => None,
+            },
+        };
+        check_ranges(&args)?;
+        let node_setup = (!args.no_node_setup).then(|| node_config(&args, &cluster_dns));
+        Ok(Self {
+            listen,
+            cluster_dns,
+            local_ips: args.local_ip.clone(),
+            upstreams,
+            upstream_source,
+            upstream_proto: args.upstream_proto,
+            upstream_timeout: args.upstream_timeout,
+            upstream_attempts: args.upstream_attempts,
+            max_concurrent: args.max_concurrent,
+            health_check_interval: args.health_check_interval,
+            cluster_domain: args
+                .cluster_domain
+                .trim_end_matches('.')
+                .to_ascii_lowercase(),
+            external_to_resolv_conf: args.external_to_resolv_conf,
+            resolv_conf: args.resolv_conf.clone(),
+            threads: args.threads,
+            workers: args.workers,
+            tcp_max_connections: args.tcp_max_connections,
+            tcp_idle_timeout: args.tcp_idle_timeout.min(MAX_TCP_IDLE),
+            cache: cache_config(&args),
+            metrics_listen: args.metrics_listen,
+            health_listen: args.health_listen,
+            node_setup,
+            sync_interval: args.sync_interval,
+            stats_dir: args.stats_dir.clone(),
+            watchdog_timeout: (!args.watchdog_timeout.is_zero()).then_some(args.watchdog_timeout),
+            grace_period: args.grace_period,
+            log_format: args.log_format,
+            log_queries: args.log_queries,
+        })
+    }
+}
+
+fn cluster_dns(args: &Args, env: &dyn Env) -> Result<Vec<IpAddr>, ConfigError> {
+    if !args.cluster_dns.is_empty() {
+        return Ok(args.cluster_dns.clone());
+    }
+    match env.var("KUBE_DNS_SVC_IP") {
+        None => Ok(Vec::new()),
+        Some(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|_| ConfigError::KubeDnsIp(v.clone()))
+            })
+            .collect(),
+    }
+}
+
+fn listen_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let listen: Vec<SocketAddr> = if args.listen.is_empty() {
+        if cluster_dns.is_empty() {
+            return Err(ConfigError::NoListen);
+        }
+        cluster_dns
+            .iter()
+            .chain(args.local_ip.iter())
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
+    } else {
+        args.listen
+            .iter()
+            .map(|s| parse_host_port(s, 53))
+            .collect::<Result<_, _>>()?
+    };
+    if let Some(w) = listen.iter().find(|a| a.ip().is_unspecified()) {
+        return Err(ConfigError::Wildcard(w.ip()));
+    }
+    Ok(dedup(listen))
+}
+
+fn upstream_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let ups: Vec<SocketAddr> = if args.upstream.is_empty() {
+        cluster_dns
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
+    } else {
+        args.upstream
+            .iter()
+            .map(|s| parse_host_port(s, 53))
+            .collect::<Result<_, _>>()?
+    };
+    if ups.is_empty() {
+        return Err(ConfigError::NoUpstream);
+    }
+    Ok(dedup(ups))
+}
+
+fn dedup(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut seen = Vec::with_capacity(v.len());
+    v.retain(|a| {
+        let new = !seen.contains(a);
+        seen.push(*a);
+        new
+    });
+    v
+}
+
+fn check_ranges(args: &Args) -> Result<(), ConfigError> {
+    let checks: [(bool, &'static str, &'static str); 7] = [
+        (
+            args.threads >= 1 && args.threads <= 64,
+            "--threads",
+            "1..=64",
+        ),
+        (
+            args.workers >= 1 && args.workers <= 64,
+            "--workers",
+            "1..=64",
+        ),
+        (args.upstream_attempts >= 1, "--upstream-attempts", ">= 1"),
+        (args.max_concurrent >= 1, "--max-concurrent", ">= 1"),
+        (
+            !args.upstream_timeout.is_zero(),
+            "--upstream-timeout",
+            "> 0",
+        ),
+        (
+            args.prefetch_percent <= 100,
+            "--prefetch-percent",
+            "0..=100",
+        ),
+        (!args.sync_interval.is_zero(), "--sync-interval", "> 0"),
+    ];
+    match checks.iter().find(|(ok, _, _)| !ok) {
+        Some((_, name, rule)) => Err(ConfigError::Range { name, rule }),
+        None => Ok(()),
+    }
+}
+
+fn cache_config(args: &Args) -> CacheConfig {
+    CacheConfig {
+        success_capacity: args.cache_success_capacity,
+        success_min_ttl: args.cache_success_min_ttl,
+        success_max_ttl: args.cache_success_max_ttl,
+        denial_capacity: args.cache_denial_capacity,
+        denial_min_ttl: args.cache_denial_min_ttl,
+        denial_max_ttl: args.cache_denial_max_ttl,
+        max_bytes: args.cache_max_bytes,
+        stale_window: args.stale_window,
+        stale_ttl: args.stale_ttl,
+        prefetch_hits: args.prefetch_hits,
+        prefetch_window: args.prefetch_window,
+        prefetch_percent: args.prefetch_percent,
+    }
+}
+
+fn node_config(args: &Args, cluster_dns: &[IpAddr]) -> node_setup::NodeConfig {
+    let mut cfg = node_setup::NodeConfig::new(cluster_dns.to_vec());
+    cfg.interface = args.interface.clone();
+    cfg.local_ips = args.local_ip.clone();
+    cfg.backend = match args.iptables_backend {
+        Backend::Auto => node_setup::IptablesBackend::Auto,
+        Backend::Legacy => node_setup::IptablesBackend::Legacy,
+        Backend::Nft => node_setup::IptablesBackend::Nft,
+    };
+    cfg.socket_match = match args.socket_match {
+        SocketMatchArg::Safe => node_setup::SocketMatch::Safe,
+        SocketMatchArg::Nowildcard => node_setup::SocketMatch::NoWildcard,
+    };
+    cfg.lock_path = args.setup_lock.clone();
+    cfg
+}
+
+/// Parses `IP`, `IP:PORT`, `[V6]` or `[V6]:PORT`.
+pub fn parse_host_port(s: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
+    let s = s.trim();
+    let err = || ConfigError::Address {
+        value: s.to_string(),
+    };
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .ok_or_else(err)?;
+    inner
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| err())
+}
+
+/// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|s| s.to_string())
+        }
+    }
+
+    fn parse(argv: &[&str], env: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let mut full = vec!["node-local-dns-resolver"];
+        full.extend_from_slice(argv);
+        let args = Args::try_parse_from(full).unwrap();
+        Config::from_args(args, &MapEnv(env.iter().copied().collect()))
+    }
+
+    #[test]
+    fn defaults_come_from_kube_dns_svc_ip() {
+        let c = parse(
+            &[],
+            &[
+                ("KUBE_DNS_SVC_IP", "10.96.0.10"),
+                ("NODE_IP", "192.168.1.5"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            vec![
+                "10.96.0.10:53".parse().unwrap(),
+                "169.254.20.10:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.upstreams, vec!["10.96.0.10:53".parse().unwrap()]);
+        assert_eq!(c.upstream_source, Some("192.168.1.5".parse().unwrap()));
+        assert!(c.node_setup.is_some());
+        assert_eq!(c.cache.success_capacity, 120_000);
+    }
+
+    #[test]
+    fn explicit_flags_and_ipv6() {
+        let c = parse(
+            &[
+                "--listen",
+                "[fd00::a]:5353,127.0.30.1",
+                "--upstream",
+                "127.0.30.2:1053",
+                "--no-node-setup",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            vec![
+                "[fd00::a]:5353".parse().unwrap(),
+                "127.0.30.1:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.upstreams, vec!["127.0.30.2:1053".parse().unwrap()]);
+        assert!(c.node_setup.is_none());
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        assert_eq!(parse(&[], &[]).unwrap_err(), ConfigError::NoListen);
+        assert!(matches!(
+            parse(&["--listen", "0.0.0.0", "--upstream", "1.1.1.1"], &[]),
+            Err(ConfigError::Wildcard(_))
+        ));
+        assert!(matches!(
+            parse(&["--listen", "nonsense:53", "--upstream", "1.1.1.1"], &[]),
+            Err(ConfigError::Address { .. })
+        ));
+        assert!(matches!(
+            parse(&[], &[("KUBE_DNS_SVC_IP", "x")]),
+            Err(ConfigError::KubeDnsIp(_))
+        ));
+        assert!(Args::try_parse_from(["x", "--upstream-timeout", "3parsecs"]).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn tcp_idle_timeout_is_capped_at_ten_seconds() {
+        let c = parse(
+            &[
+                "--listen",
+                "127.0.0.1",
+                "--upstream",
+                "127.0.0.2",
+                "--tcp-idle-timeout",
+                "60s",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.tcp_idle_timeout, MAX_TCP_IDLE);
+    }
+}

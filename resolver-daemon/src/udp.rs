@@ -1,0 +1,315 @@
+//! The UDP hot path: one thread per socket doing recvmmsg → parse → cache → sendmmsg in
+//! batches, with buffers allocated once. Misses and prefetches leave through a bounded
+//! channel to the tokio side; if it is full the client gets stale data or SERVFAIL at once.
+
+use crate::cache::Cache;
+use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
+use crate::resolve::{Fast, RCODE_SERVFAIL, answer_fast};
+use crate::wire;
+use socket2::{SockAddr, Socket};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+const BATCH: usize = 32;
+/// Larger datagrams are not DNS queries we answer (MSG_TRUNC → dropped).
+const RECV_BUF: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Miss,
+    Prefetch,
+}
+
+/// A client datagram for the tokio side.
+#[derive(Debug)]
+pub struct Job {
+    pub packet: Vec<u8>,
+    pub peer: SocketAddr,
+    pub listener: usize,
+    pub kind: JobKind,
+    pub received: Instant,
+}
+
+/// Sends replies from the tokio side through a listener's socket; emptied at shutdown so the
+/// socket really closes (DESIGN.md §1: the closed socket is the fallback).
+#[derive(Clone, Default)]
+pub struct ReplyHandle(Arc<RwLock<Option<Arc<Socket>>>>);
+
+impl ReplyHandle {
+    pub fn new(sock: Socket) -> Self {
+        Self(Arc::new(RwLock::new(Some(Arc::new(sock)))))
+    }
+
+    /// Best effort, never blocks: a full send buffer drops the reply (the client retries).
+    pub fn send(&self, bytes: &[u8], peer: SocketAddr) {
+        let sock = self.0.read().ok().and_then(|g| g.clone());
+        if let Some(Err(e)) =
+            sock.map(|s| s.send_to_with_flags(bytes, &SockAddr::from(peer), libc::MSG_DONTWAIT))
+        {
+            tracing::debug!(error = %e, %peer, "udp reply not sent");
+        }
+    }
+
+    pub fn close(&self) {
+        if let Ok(mut g) = self.0.write() {
+            *g = None;
+        }
+    }
+}
+
+pub struct HotPath {
+    pub socket: Socket,
+    pub cache: Arc<Cache>,
+    pub jobs: mpsc::Sender<Job>,
+    pub metrics: ServerMetrics,
+    pub listener: usize,
+    pub shutdown: Arc<AtomicBool>,
+    pub log_queries: bool,
+}
+
+/// Preallocated recvmmsg/sendmmsg state. The mmsghdr pointers are refreshed before every
+/// syscall, so the struct may move freely between batches.
+struct Batch {
+    bufs: Vec<[u8; RECV_BUF]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    outs: Vec<Vec<u8>>,
+    out_iov: Vec<libc::iovec>,
+    out_msgs: Vec<libc::mmsghdr>,
+    /// For each reply in `outs`, the index of the datagram it answers.
+    out_for: Vec<usize>,
+}
+
+fn zeroed<T>() -> T {
+    // SAFETY: only used for plain C structs (sockaddr_storage, iovec, mmsghdr) for which
+    // all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            bufs: vec![[0u8; RECV_BUF]; BATCH],
+            addrs: (0..BATCH).map(|_| zeroed()).collect(),
+            iov: (0..BATCH).map(|_| zeroed()).collect(),
+            msgs: (0..BATCH).map(|_| zeroed()).collect(),
+            outs: (0..BATCH).map(|_| Vec::with_capacity(1500)).collect(),
+            out_iov: (0..BATCH).map(|_| zeroed()).collect(),
+            out_msgs: (0..BATCH).map(|_| zeroed()).collect(),
+            out_for: Vec::with_capacity(BATCH),
+        }
+    }
+
+    fn recv(&mut self, fd: i32) -> std::io::Result<usize> {
+        for i in 0..BATCH {
+            self.iov[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: RECV_BUF,
+            };
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.msgs[i].msg_len = 0;
+        }
+        // SAFETY: every msghdr points into buffers owned by `self` that outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Length of datagram `i`, unless it was larger than the buffer.
+    fn datagram_len(&self, i: usize) -> Option<usize> {
+        let m = &self.msgs[i];
+        (m.msg_hdr.msg_flags & libc::MSG_TRUNC == 0).then_some((m.msg_len as usize).min(RECV_BUF))
+    }
+
+    fn peer(&self, i: usize) -> Option<SocketAddr> {
+        sockaddr_to_std(&self.addrs[i])
+    }
+
+    /// Sends `outs[..out_for.len()]` to their datagrams' senders.
+    fn send(&mut self, fd: i32) {
+        let n = self.out_for.len();
+        for (k, &i) in self.out_for.iter().enumerate() {
+            self.out_iov[k] = libc::iovec {
+                iov_base: self.outs[k].as_mut_ptr().cast(),
+                iov_len: self.outs[k].len(),
+            };
+            let h = &mut self.out_msgs[k].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = self.msgs[i].msg_hdr.msg_namelen;
+            h.msg_iov = &mut self.out_iov[k];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        let mut sent = 0;
+        while sent < n {
+            // SAFETY: the headers point into buffers owned by `self`.
+            let r = unsafe {
+                libc::sendmmsg(fd, self.out_msgs[sent..].as_mut_ptr(), (n - sent) as u32, 0)
+            };
+            if r <= 0 {
+                // Skip the datagram that failed (e.g. unreachable peer) and go on.
+                tracing::trace!(error = %std::io::Error::last_os_error(), "sendmmsg");
+                sent += 1;
+            } else {
+                sent += r as usize;
+            }
+        }
+    }
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+impl HotPath {
+    pub fn run(self) {
+        let fd = self.socket.as_raw_fd();
+        let mut b = Batch::new();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let n = match b.recv(fd) {
+                Ok(n) => n,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recvmmsg");
+                    continue;
+                }
+            };
+            self.handle_batch(&mut b, n, Instant::now());
+            b.send(fd);
+        }
+        tracing::debug!(listener = self.listener, "udp receive thread stopped");
+    }
+
+    fn handle_batch(&self, b: &mut Batch, n: usize, now: Instant) {
+        b.out_for.clear();
+        for i in 0..n {
+            let Some(len) = b.datagram_len(i) else {
+                continue;
+            };
+            let pkt = &b.bufs[i][..len];
+            let k = b.out_for.len();
+            let mut out = std::mem::take(&mut b.outs[k]);
+            let fast = answer_fast(&self.cache, pkt, now, &mut out, false, &self.metrics);
+            let reply = match fast {
+                Fast::Reply { prefetch, .. } => {
+                    if prefetch {
+                        self.hand_over(pkt, b.peer(i), JobKind::Prefetch, now);
+                    }
+                    true
+                }
+                Fast::Drop => false,
+                Fast::Miss => {
+                    !self.hand_over(pkt, b.peer(i), JobKind::Miss, now)
+                        && self.overloaded(pkt, now, &mut out)
+                }
+            };
+            if reply {
+                self.observe(pkt, &out, fast, now);
+                b.out_for.push(i);
+            }
+            b.outs[k] = out;
+        }
+    }
+
+    /// Queues a datagram for the tokio side; false when the queue is full.
+    fn hand_over(&self, pkt: &[u8], peer: Option<SocketAddr>, kind: JobKind, now: Instant) -> bool {
+        let Some(peer) = peer else { return true };
+        let job = Job {
+            packet: pkt.to_vec(),
+            peer,
+            listener: self.listener,
+            kind,
+            received: now,
+        };
+        self.jobs.try_send(job).is_ok()
+    }
+
+    /// Miss queue full: stale answer if any, else SERVFAIL — fast, never queued.
+    fn overloaded(&self, pkt: &[u8], now: Instant, out: &mut Vec<u8>) -> bool {
+        let Ok(q) = wire::parse_query(pkt) else {
+            return false;
+        };
+        out.clear();
+        if self.cache.answer_stale(&q, now, out, wire::udp_limit(&q)) {
+            self.metrics.stale.inc();
+        } else {
+            out.clear();
+            wire::write_error_response(pkt, Some(&q), RCODE_SERVFAIL, out);
+        }
+        true
+    }
+
+    fn observe(&self, pkt: &[u8], out: &[u8], fast: Fast, now: Instant) {
+        let (plugin, rcode, idx) = match fast {
+            Fast::Reply {
+                plugin,
+                rcode,
+                type_idx,
+                ..
+            } => (plugin, rcode, type_idx),
+            // Overload replies (rare): parse again for the type label.
+            _ => {
+                let qtype = wire::parse_query(pkt).map(|q| q.qtype).unwrap_or(0);
+                (Plugin::None, reply_rcode(out), qtype_index(qtype))
+            }
+        };
+        self.metrics
+            .response(idx, plugin, rcode, out.len(), now.elapsed().as_secs_f64());
+        if self.log_queries {
+            tracing::info!(
+                proto = "udp",
+                rcode,
+                size = out.len(),
+                "query answered from cache"
+            );
+        }
+    }
+}

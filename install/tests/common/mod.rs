@@ -22,7 +22,8 @@ pub fn example_names() -> Vec<String> {
         .unwrap()
         .filter_map(|e| {
             let name = e.unwrap().file_name().into_string().unwrap();
-            name.strip_suffix(".without-node-local-dns.conflist").map(str::to_string)
+            name.strip_suffix(".without-node-local-dns.conflist")
+                .map(str::to_string)
         })
         .collect();
     names.sort();
@@ -54,7 +55,12 @@ impl Node {
         fs::create_dir_all(&bin_dir).unwrap();
         fs::create_dir_all(&conf_dir).unwrap();
         let plugin = plugin_binary(root.path());
-        Node { root, bin_dir, conf_dir, plugin }
+        Node {
+            root,
+            bin_dir,
+            conf_dir,
+            plugin,
+        }
     }
 
     pub fn conf(&self, name: &str) -> PathBuf {
@@ -132,7 +138,9 @@ pub fn answers_version(path: &Path) -> bool {
         .env("CNI_COMMAND", "VERSION")
         .stdin(Stdio::null())
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("supportedVersions"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("supportedVersions")
+        })
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -141,7 +149,12 @@ pub fn stderr(out: &Output) -> String {
 
 #[track_caller]
 pub fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "installer failed: {}\n{}", out.status, stderr(out));
+    assert!(
+        out.status.success(),
+        "installer failed: {}\n{}",
+        out.status,
+        stderr(out)
+    );
 }
 
 pub fn inode(path: &Path) -> u64 {
@@ -178,7 +191,11 @@ impl Running {
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.0.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         child.wait().unwrap()
     }
 }
@@ -190,4 +207,42 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+/// Everything a child wrote to stderr so far, collected by a reader thread.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, pattern: &str) -> usize {
+        self.text().matches(pattern).count()
+    }
+}
+
+/// Starts `cmd` with stderr captured into `Logs`.
+pub fn spawn_logged(mut cmd: Command) -> (Running, Logs) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = Logs::default();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut all = sink.0.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    (Running(Some(child)), logs)
 }

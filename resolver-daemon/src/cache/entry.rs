@@ -1,0 +1,350 @@
+//! Cache entries: an upstream reply stored in wire format plus the offsets of its TTL fields.
+//!
+//! Insert walks the reply's records once and normalises it (OPT last and option-free,
+//! records after the OPT dropped) so that a hit is a memcpy and a few in-place patches.
+
+use super::{CacheConfig, EntryKind};
+use crate::wire::{
+    self, HEADER_LEN, Header, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag, put16, put32, rcode,
+    read_rr, skip_name,
+};
+use std::time::{Duration, Instant};
+
+/// Length of the normalised OPT record we store (root name, fixed fields, no options).
+const OPT_LEN: usize = 11;
+
+/// An upstream reply checked for cacheability and normalised for storage.
+#[derive(Debug)]
+pub(super) struct PreparedEntry {
+    pub kind: EntryKind,
+    /// Smallest TTL the reply allows before clamping (RRs, or the SOA rule for negatives).
+    pub min_ttl: u32,
+    wire: Vec<u8>,
+    ttl_offsets: Vec<u16>,
+    has_opt: bool,
+    question_end: usize,
+}
+
+/// Running state of the walk over a reply's records.
+#[derive(Default)]
+struct RecordWalk {
+    ttl_offsets: Vec<u16>,
+    min_ttl: Option<u32>,
+    negative_ttl: Option<u32>,
+    /// Where the OPT record starts and the extended rcode bits it carries.
+    opt: Option<(usize, u8, bool)>,
+    end: usize,
+}
+
+impl PreparedEntry {
+    /// Decides whether `response` (the upstream's reply to `q`) may be cached and how long.
+    pub(super) fn from_response(q: &Query<'_>, response: &[u8]) -> Result<Self, &'static str> {
+        if response.len() > usize::from(u16::MAX) {
+            return Err("reply longer than 65535 bytes");
+        }
+        let header = Header::read(response).ok_or("reply shorter than a DNS header")?;
+        check_header(&header)?;
+        let question_end = check_question(q, response)?;
+        let walk = walk_records(response, &header, question_end)?;
+        let (ext_rcode, dnssec_ok) = walk.opt.map_or((0, false), |(_, ext, d)| (ext, d));
+        let full_rcode = (u16::from(ext_rcode) << 4) | (header.flags & flag::RCODE_MASK);
+        let kind = classify(full_rcode, header.ancount)?;
+        let min_ttl = match kind {
+            EntryKind::Success => walk.min_ttl.ok_or("positive answer without records")?,
+            EntryKind::Denial => {
+                let soa = walk.negative_ttl.ok_or("negative answer without SOA")?;
+                walk.min_ttl.map_or(soa, |ttl| ttl.min(soa))
+            }
+        };
+        let (wire, has_opt) = normalised_wire(response, &walk, dnssec_ok);
+        Ok(Self {
+            kind,
+            min_ttl,
+            wire,
+            ttl_offsets: walk.ttl_offsets,
+            has_opt,
+            question_end,
+        })
+    }
+}
+
+fn check_header(header: &Header) -> Result<(), &'static str> {
+    if header.flags & flag::QR == 0 {
+        return Err("not a response (QR=0)");
+    }
+    if header.flags & flag::OPCODE_MASK != 0 {
+        return Err("opcode is not QUERY");
+    }
+    if header.flags & flag::TC != 0 {
+        return Err("truncated reply (TC=1)");
+    }
+    if header.qdcount != 1 {
+        return Err("reply QDCOUNT is not 1");
+    }
+    Ok(())
+}
+
+/// The reply's question must be the query's (names compared case-insensitively).
+fn check_question(q: &Query<'_>, response: &[u8]) -> Result<usize, &'static str> {
+    let question = wire::parse_question(response, HEADER_LEN).map_err(|_| "bad question")?;
+    let name = &response[HEADER_LEN..question.name_end];
+    if !name.eq_ignore_ascii_case(q.qname)
+        || question.qtype != q.qtype
+        || question.qclass != q.qclass
+    {
+        return Err("reply question does not match the query");
+    }
+    Ok(question.end)
+}
+
+/// Only NOERROR and NXDOMAIN are cached; NXDOMAIN and NODATA are denials (RFC 2308).
+fn classify(full_rcode: u16, ancount: u16) -> Result<EntryKind, &'static str> {
+    match full_rcode {
+        rcode::NOERROR if ancount > 0 => Ok(EntryKind::Success),
+        rcode::NOERROR | rcode::NXDOMAIN => Ok(EntryKind::Denial),
+        rcode::SERVFAIL => Err("SERVFAIL is not cached"),
+        rcode::REFUSED => Err("REFUSED is not cached"),
+        rcode::FORMERR => Err("FORMERR is not cached"),
+        _ => Err("rcode is not cacheable"),
+    }
+}
+
+/// Walks answer, authority and additional records once, noting TTL offsets, the smallest
+/// TTL, the SOA-derived negative TTL and the OPT record. Records after the OPT are left out
+/// (additional data is optional), which keeps the OPT last so it can be stripped by length.
+fn walk_records(
+    response: &[u8],
+    header: &Header,
+    question_end: usize,
+) -> Result<RecordWalk, &'static str> {
+    let mut walk = RecordWalk {
+        end: question_end,
+        ..RecordWalk::default()
+    };
+    let sections = [
+        (header.ancount, false),
+        (header.nscount, true),
+        (header.arcount, false),
+    ];
+    for (count, is_authority) in sections {
+        for _ in 0..count {
+            let rr = read_rr(response, walk.end).ok_or("record runs past the reply")?;
+            if rr.rtype == TYPE_OPT {
+                if walk.opt.is_some() {
+                    return Err("more than one OPT record");
+                }
+                let dnssec_ok = rr.ttl & 0x8000 != 0;
+                walk.opt = Some((rr.name_start, (rr.ttl >> 24) as u8, dnssec_ok));
+                return Ok(walk);
+            }
+            let ttl_at = u16::try_from(rr.ttl_at()).map_err(|_| "record offset too large")?;
+            walk.ttl_offsets.push(ttl_at);
+            walk.min_ttl = Some(walk.min_ttl.map_or(rr.ttl, |m| m.min(rr.ttl)));
+            if is_authority && rr.rtype == TYPE_SOA {
+                let minimum = soa_minimum(response, rr.rdata_start, rr.end)?;
+                let negative = rr.ttl.min(minimum);
+                walk.negative_ttl = Some(walk.negative_ttl.map_or(negative, |n| n.min(negative)));
+            }
+            walk.end = rr.end;
+        }
+    }
+    Ok(walk)
+}
+
+/// MINIMUM field of SOA rdata: after MNAME, RNAME and four 32-bit fields.
+fn soa_minimum(response: &[u8], rdata_start: usize, rdata_end: usize) -> Result<u32, &'static str> {
+    let rdata = &response[..rdata_end];
+    let after_mname = skip_name(rdata, rdata_start).ok_or("bad SOA MNAME")?;
+    let after_rname = skip_name(rdata, after_mname).ok_or("bad SOA RNAME")?;
+    if after_rname + 20 != rdata_end {
+        return Err("bad SOA rdata length");
+    }
+    Ok(be32(response, after_rname + 16))
+}
+
+/// The bytes to store: the reply up to its last kept record, with the OPT (if any)
+/// rewritten as a bare OPT (version 0, our UDP size, DO kept, no options: cookies and
+/// padding were meant for the forwarder, not for every client that will read this entry).
+fn normalised_wire(response: &[u8], walk: &RecordWalk, dnssec_ok: bool) -> (Vec<u8>, bool) {
+    let (body_end, has_opt) = match walk.opt {
+        Some((start, _, _)) => (start, true),
+        None => (walk.end, false),
+    };
+    let mut wire = Vec::with_capacity(body_end + OPT_LEN);
+    wire.extend_from_slice(&response[..body_end]);
+    let kept_records = walk.ttl_offsets.len() as u16;
+    let header = Header::read(response).map_or([0; 3], |h| [h.ancount, h.nscount, h.arcount]);
+    // The walk stops at the OPT, so sections past it may be partly kept: recount them.
+    let answers = header[0].min(kept_records);
+    let authority = header[1].min(kept_records - answers);
+    let additional = kept_records - answers - authority + u16::from(has_opt);
+    put16(&mut wire, 6, answers);
+    put16(&mut wire, 8, authority);
+    put16(&mut wire, 10, additional);
+    if has_opt {
+        wire::write_opt_record(&mut wire, 0, dnssec_ok);
+    }
+    (wire, has_opt)
+}
+
+/// How answer TTLs are rewritten on the way out.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum TtlRewrite {
+    /// Fresh hit: seconds left on the entry; no record is shown above its original TTL.
+    CountDown(u32),
+    /// Stale hit: every record gets this TTL (RFC 8767).
+    Fixed(u32),
+}
+
+/// A stored entry. `prev`/`next` link it into its shard's LRU list of its kind.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub key: Box<[u8]>,
+    wire: Box<[u8]>,
+    ttl_offsets: Box<[u16]>,
+    question_end: u16,
+    has_opt: bool,
+    kind: EntryKind,
+    /// Clamped TTL in seconds, counted from `stored`.
+    ttl: u32,
+    stored: Instant,
+    window_start: Instant,
+    hits_in_window: u32,
+    prefetch_signalled: bool,
+    pub prev: u32,
+    pub next: u32,
+    /// Shard-local recency stamp, to pick the older of the two LRU tails.
+    pub last_used: u64,
+}
+
+impl Entry {
+    pub(super) fn new(key: &[u8], prepared: PreparedEntry, ttl: u32, now: Instant) -> Self {
+        Self {
+            key: key.into(),
+            wire: prepared.wire.into_boxed_slice(),
+            ttl_offsets: prepared.ttl_offsets.into_boxed_slice(),
+            // Fits: the reply is at most 65535 bytes (checked in from_response).
+            question_end: prepared.question_end as u16,
+            has_opt: prepared.has_opt,
+            kind: prepared.kind,
+            ttl,
+            stored: now,
+            window_start: now,
+            hits_in_window: 0,
+            prefetch_signalled: false,
+            prev: u32::MAX,
+            next: u32::MAX,
+            last_used: 0,
+        }
+    }
+
+    pub(super) fn kind(&self) -> EntryKind {
+        self.kind
+    }
+
+    /// Heap and table bytes this entry accounts for against the byte budget (the key is held
+    /// twice: here and in the shard's map).
+    pub(super) fn footprint(&self) -> usize {
+        const MAP_SLOT: usize = size_of::<(Box<[u8]>, u32)>() + 1;
+        size_of::<Self>()
+            + MAP_SLOT
+            + 2 * self.key.len()
+            + self.wire.len()
+            + size_of::<u16>() * self.ttl_offsets.len()
+    }
+
+    fn ttl_duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.ttl))
+    }
+
+    /// Whole seconds left (≥ 1) while fresh; `None` once expired.
+    pub(super) fn remaining_ttl(&self, now: Instant) -> Option<u32> {
+        let age = now.saturating_duration_since(self.stored);
+        (age < self.ttl_duration()).then(|| self.ttl - age.as_secs() as u32)
+    }
+
+    /// Expired for longer than the stale window: nothing can use it any more.
+    pub(super) fn is_dead(&self, now: Instant, stale_window: Duration) -> bool {
+        now.saturating_duration_since(self.stored) >= self.ttl_duration() + stale_window
+    }
+
+    /// Counts a fresh hit; true exactly once per entry lifetime, when it was asked often
+    /// enough within the window and little of its TTL is left.
+    pub(super) fn note_hit(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
+        if now.saturating_duration_since(self.window_start) > cfg.prefetch_window {
+            self.window_start = now;
+            self.hits_in_window = 0;
+        }
+        self.hits_in_window = self.hits_in_window.saturating_add(1);
+        if self.prefetch_signalled || self.hits_in_window < cfg.prefetch_hits {
+            return false;
+        }
+        let ttl = self.ttl_duration();
+        let left = ttl.saturating_sub(now.saturating_duration_since(self.stored));
+        if left.as_millis() * 100 < ttl.as_millis() * u128::from(cfg.prefetch_percent) {
+            self.prefetch_signalled = true;
+            return true;
+        }
+        false
+    }
+
+    /// Writes the reply for client query `q` into `out` (cleared first).
+    pub(super) fn write_reply(
+        &self,
+        q: &Query<'_>,
+        ttls: TtlRewrite,
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) {
+        let keep_opt = self.has_opt && q.edns.is_some();
+        let opt_start = self.wire.len() - if self.has_opt { OPT_LEN } else { 0 };
+        let full_len = if keep_opt { self.wire.len() } else { opt_start };
+        out.clear();
+        if full_len <= limit {
+            out.extend_from_slice(&self.wire[..full_len]);
+            if self.has_opt && !keep_opt {
+                let additional = be16(out, 10) - 1;
+                put16(out, 10, additional);
+            }
+            self.rewrite_ttls(out, ttls);
+        } else {
+            self.write_truncated(out, keep_opt, opt_start);
+        }
+        self.patch_client_fields(q, out);
+    }
+
+    /// Header and question only (plus the OPT when kept), TC=1: the client retries over TCP.
+    fn write_truncated(&self, out: &mut Vec<u8>, keep_opt: bool, opt_start: usize) {
+        out.extend_from_slice(&self.wire[..usize::from(self.question_end)]);
+        if keep_opt {
+            out.extend_from_slice(&self.wire[opt_start..]);
+        }
+        let flags = be16(out, 2) | flag::TC;
+        put16(out, 2, flags);
+        put16(out, 6, 0);
+        put16(out, 8, 0);
+        put16(out, 10, u16::from(keep_opt));
+    }
+
+    fn rewrite_ttls(&self, out: &mut [u8], ttls: TtlRewrite) {
+        for &offset in self.ttl_offsets.iter() {
+            let at = usize::from(offset);
+            let ttl = match ttls {
+                TtlRewrite::CountDown(left) => be32(out, at).min(left),
+                TtlRewrite::Fixed(ttl) => ttl,
+            };
+            put32(out, at, ttl);
+        }
+    }
+
+    /// The client's ID, RD bit and question bytes (its 0x20 case pattern).
+    fn patch_client_fields(&self, q: &Query<'_>, out: &mut [u8]) {
+        put16(out, 0, q.id);
+        let flags = (be16(out, 2) & !flag::RD) | (q.flags & flag::RD);
+        put16(out, 2, flags);
+        let name_end = HEADER_LEN + q.qname.len();
+        if name_end <= usize::from(self.question_end) {
+            out[HEADER_LEN..name_end].copy_from_slice(q.qname);
+        }
+    }
+}

@@ -1,0 +1,742 @@
+//! Cache semantics with an injected clock. Upstream replies are built with hickory-proto and
+//! every reply the cache writes is parsed back with it, so the tests check real DNS messages.
+
+use super::*;
+use crate::wire::{self, parse_query};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query as HQuery, ResponseCode};
+use hickory_proto::rr::rdata::{A, CNAME, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use std::net::Ipv4Addr;
+
+/// Options of a client query.
+#[derive(Clone, Copy, Default)]
+struct Ask {
+    id: u16,
+    edns: bool,
+    dnssec_ok: bool,
+    checking_disabled: bool,
+    qtype: Option<RecordType>,
+}
+
+fn ask() -> Ask {
+    Ask {
+        id: 7,
+        edns: true,
+        ..Ask::default()
+    }
+}
+
+fn query_message(name: &str, o: Ask) -> Message {
+    let mut m = Message::new(o.id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.metadata.checking_disabled = o.checking_disabled;
+    let qtype = o.qtype.unwrap_or(RecordType::A);
+    m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), qtype));
+    if o.edns || o.dnssec_ok {
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        e.set_dnssec_ok(o.dnssec_ok);
+        m.set_edns(e);
+    }
+    m
+}
+
+fn query_bytes(name: &str, o: Ask) -> Vec<u8> {
+    query_message(name, o).to_vec().unwrap()
+}
+
+fn a(name: &str, ttl: u32, last_octet: u8) -> Record {
+    let ip = Ipv4Addr::new(10, 0, 0, last_octet);
+    Record::from_rdata(Name::from_ascii(name).unwrap(), ttl, RData::A(A(ip)))
+}
+
+fn soa(zone: &str, ttl: u32, minimum: u32) -> Record {
+    let zone = Name::from_ascii(zone).unwrap();
+    let rdata = SOA::new(
+        Name::from_ascii("ns.example.com.").unwrap(),
+        Name::from_ascii("hostmaster.example.com.").unwrap(),
+        2024,
+        7200,
+        3600,
+        1_209_600,
+        minimum,
+    );
+    Record::from_rdata(zone, ttl, RData::SOA(rdata))
+}
+
+/// The upstream's reply to `query` (as a forwarder would get it: EDNS echoed).
+fn reply(
+    query: &[u8],
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    authority: Vec<Record>,
+) -> Vec<u8> {
+    let q = Message::from_vec(query).unwrap();
+    let mut m = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+    m.metadata.recursion_desired = q.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.checking_disabled = q.metadata.checking_disabled;
+    m.metadata.response_code = rcode;
+    m.add_query(q.queries[0].clone());
+    m.add_answers(answers);
+    m.add_authorities(authority);
+    if let Some(edns) = &q.edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e.set_dnssec_ok(edns.flags().dnssec_ok);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+fn small_config() -> CacheConfig {
+    CacheConfig {
+        success_capacity: 100,
+        denial_capacity: 100,
+        max_bytes: 1 << 20,
+        ..CacheConfig::default()
+    }
+}
+
+struct Fixture {
+    cache: Cache,
+    t0: Instant,
+}
+
+impl Fixture {
+    fn new(cfg: CacheConfig) -> Self {
+        Self {
+            cache: Cache::new(cfg),
+            t0: Instant::now(),
+        }
+    }
+
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+
+    /// Inserts the upstream reply for `name` built from `answers`/`authority`.
+    fn insert(
+        &self,
+        name: &str,
+        o: Ask,
+        rcode: ResponseCode,
+        answers: Vec<Record>,
+        authority: Vec<Record>,
+    ) -> Inserted {
+        let query = query_bytes(name, o);
+        let response = reply(&query, rcode, answers, authority);
+        self.cache
+            .insert(&parse_query(&query).unwrap(), &response, self.t0)
+    }
+
+    fn insert_a(&self, name: &str, ttl: u32) -> Inserted {
+        let answers = vec![a(name, ttl, 1)];
+        self.insert(name, ask(), ResponseCode::NoError, answers, vec![])
+    }
+
+    /// `answer` at `secs` with a 4096-byte limit; the parsed reply on a hit.
+    fn answer(&self, name: &str, o: Ask, secs: u64) -> Option<(Message, Answer)> {
+        let query = query_bytes(name, o);
+        let mut out = Vec::new();
+        match self
+            .cache
+            .answer(&parse_query(&query).unwrap(), self.at(secs), &mut out, 4096)
+        {
+            Answer::Miss => {
+                assert!(out.is_empty(), "a miss leaves `out` untouched");
+                None
+            }
+            hit => Some((Message::from_vec(&out).unwrap(), hit)),
+        }
+    }
+
+    fn stale(&self, name: &str, secs: u64) -> Option<Message> {
+        let query = query_bytes(name, ask());
+        let mut out = Vec::new();
+        let q = parse_query(&query).unwrap();
+        self.cache
+            .answer_stale(&q, self.at(secs), &mut out, 4096)
+            .then(|| Message::from_vec(&out).unwrap())
+    }
+}
+
+fn ttls(m: &Message) -> Vec<u32> {
+    m.answers
+        .iter()
+        .chain(&m.authorities)
+        .map(|r| r.ttl)
+        .collect()
+}
+
+#[test]
+fn positive_ttl_is_min_of_records_clamped_to_max_and_counts_down() {
+    let f = Fixture::new(small_config());
+    let answers = vec![a("www.example.com.", 300, 1), a("www.example.com.", 100, 2)];
+    let inserted = f.insert(
+        "www.example.com.",
+        ask(),
+        ResponseCode::NoError,
+        answers,
+        vec![],
+    );
+    assert_eq!(inserted, Inserted::Cached(EntryKind::Success));
+    let (m, hit) = f.answer("www.example.com.", ask(), 0).unwrap();
+    assert_eq!(
+        hit,
+        Answer::Fresh {
+            kind: EntryKind::Success,
+            prefetch: false
+        }
+    );
+    assert_eq!(ttls(&m), vec![30, 30]);
+    let ips: Vec<_> = m.answers.iter().map(|r| r.data.clone()).collect();
+    assert_eq!(
+        ips,
+        vec![RData::A(A::new(10, 0, 0, 1)), RData::A(A::new(10, 0, 0, 2))]
+    );
+    let (m, _) = f.answer("www.example.com.", ask(), 10).unwrap();
+    assert_eq!(ttls(&m), vec![20, 20]);
+    assert!(f.answer("www.example.com.", ask(), 29).is_some());
+    assert!(f.answer("www.example.com.", ask(), 30).is_none());
+}
+
+#[test]
+fn short_ttl_is_raised_to_min_but_shown_no_higher_than_the_record() {
+    let f = Fixture::new(small_config());
+    assert!(matches!(
+        f.insert_a("short.example.com.", 2),
+        Inserted::Cached(_)
+    ));
+    let (m, _) = f.answer("short.example.com.", ask(), 0).unwrap();
+    assert_eq!(ttls(&m), vec![2]);
+    let (m, _) = f.answer("short.example.com.", ask(), 4).unwrap();
+    assert_eq!(ttls(&m), vec![1], "5 s entry, 1 s left");
+    assert!(f.answer("short.example.com.", ask(), 5).is_none());
+}
+
+#[test]
+fn record_ttls_below_the_entry_ttl_are_kept() {
+    let f = Fixture::new(small_config());
+    let cname = Record::from_rdata(
+        Name::from_ascii("alias.example.com.").unwrap(),
+        20,
+        RData::CNAME(CNAME(Name::from_ascii("www.example.com.").unwrap())),
+    );
+    let answers = vec![cname, a("www.example.com.", 3600, 9)];
+    f.insert(
+        "alias.example.com.",
+        ask(),
+        ResponseCode::NoError,
+        answers,
+        vec![],
+    );
+    let (m, _) = f.answer("alias.example.com.", ask(), 5).unwrap();
+    assert_eq!(ttls(&m), vec![15, 15], "entry TTL = min(20, 3600) = 20");
+    assert_eq!(m.answers[1].name.to_ascii(), "www.example.com.");
+}
+
+#[test]
+fn reply_uses_client_id_rd_and_question_case() {
+    let f = Fixture::new(small_config());
+    let o = ask();
+    f.insert(
+        "Www.Example.COM.",
+        o,
+        ResponseCode::NoError,
+        vec![a("Www.Example.COM.", 60, 1)],
+        vec![],
+    );
+    let client = Ask { id: 0xbeef, ..o };
+    let query = query_bytes("wWW.exAMPLE.com.", client);
+    let mut patched_rd = query.clone();
+    patched_rd[2] &= !0x01; // RD=0
+    for query in [query, patched_rd] {
+        let q = parse_query(&query).unwrap();
+        let mut out = Vec::new();
+        let hit = f.cache.answer(&q, f.t0, &mut out, 512);
+        assert!(matches!(hit, Answer::Fresh { .. }));
+        assert_eq!(
+            &out[12..q.question_end],
+            &query[12..q.question_end],
+            "0x20 case kept"
+        );
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.id, 0xbeef);
+        assert_eq!(m.metadata.recursion_desired, q.recursion_desired());
+        assert!(m.metadata.recursion_available);
+        assert_eq!(m.answers.len(), 1);
+    }
+}
+
+#[test]
+fn key_separates_qtype_do_and_cd() {
+    let f = Fixture::new(small_config());
+    let dnssec = Ask {
+        dnssec_ok: true,
+        ..ask()
+    };
+    f.insert(
+        "k.example.com.",
+        dnssec,
+        ResponseCode::NoError,
+        vec![a("k.example.com.", 60, 1)],
+        vec![],
+    );
+    assert!(f.answer("k.example.com.", dnssec, 0).is_some());
+    assert!(f.answer("K.EXAMPLE.COM.", dnssec, 0).is_some());
+    assert!(
+        f.answer("k.example.com.", ask(), 0).is_none(),
+        "DO=0 differs"
+    );
+    let cd = Ask {
+        checking_disabled: true,
+        ..dnssec
+    };
+    assert!(f.answer("k.example.com.", cd, 0).is_none(), "CD=1 differs");
+    let aaaa = Ask {
+        qtype: Some(RecordType::AAAA),
+        ..dnssec
+    };
+    assert!(
+        f.answer("k.example.com.", aaaa, 0).is_none(),
+        "qtype differs"
+    );
+    assert!(f.answer("k.example.org.", dnssec, 0).is_none());
+}
+
+#[test]
+fn nxdomain_is_cached_for_min_of_soa_ttl_and_minimum() {
+    let f = Fixture::new(small_config());
+    let authority = vec![soa("example.com.", 3600, 3)];
+    let inserted = f.insert(
+        "nx.example.com.",
+        ask(),
+        ResponseCode::NXDomain,
+        vec![],
+        authority,
+    );
+    assert_eq!(inserted, Inserted::Cached(EntryKind::Denial));
+    let (m, hit) = f.answer("nx.example.com.", ask(), 1).unwrap();
+    assert_eq!(
+        hit,
+        Answer::Fresh {
+            kind: EntryKind::Denial,
+            prefetch: false
+        }
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(m.authorities.len(), 1, "SOA passed through");
+    assert_eq!(ttls(&m), vec![2], "negative TTL 3 counts down");
+    assert!(f.answer("nx.example.com.", ask(), 3).is_none());
+
+    let authority = vec![soa("example.com.", 2, 60)];
+    f.insert(
+        "nx2.example.com.",
+        ask(),
+        ResponseCode::NXDomain,
+        vec![],
+        authority,
+    );
+    assert!(f.answer("nx2.example.com.", ask(), 1).is_some());
+    assert!(
+        f.answer("nx2.example.com.", ask(), 2).is_none(),
+        "SOA TTL 2 wins"
+    );
+
+    let authority = vec![soa("example.com.", 3600, 3600)];
+    f.insert(
+        "nx3.example.com.",
+        ask(),
+        ResponseCode::NXDomain,
+        vec![],
+        authority,
+    );
+    assert!(f.answer("nx3.example.com.", ask(), 4).is_some());
+    assert!(
+        f.answer("nx3.example.com.", ask(), 5).is_none(),
+        "clamped to denial max 5 s"
+    );
+}
+
+#[test]
+fn nodata_is_a_denial() {
+    let f = Fixture::new(small_config());
+    let authority = vec![soa("example.com.", 300, 300)];
+    let inserted = f.insert(
+        "nodata.example.com.",
+        ask(),
+        ResponseCode::NoError,
+        vec![],
+        authority,
+    );
+    assert_eq!(inserted, Inserted::Cached(EntryKind::Denial));
+    let (m, _) = f.answer("nodata.example.com.", ask(), 0).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
+    assert_eq!(f.cache.stats().denial_entries, 1);
+    assert_eq!(f.cache.stats().success_entries, 0);
+}
+
+#[test]
+fn negative_without_soa_is_not_cached() {
+    let f = Fixture::new(small_config());
+    let nx = f.insert(
+        "nosoa.example.com.",
+        ask(),
+        ResponseCode::NXDomain,
+        vec![],
+        vec![],
+    );
+    assert_eq!(nx, Inserted::NotCached("negative answer without SOA"));
+    let nodata = f.insert(
+        "nosoa2.example.com.",
+        ask(),
+        ResponseCode::NoError,
+        vec![],
+        vec![],
+    );
+    assert!(matches!(nodata, Inserted::NotCached(_)));
+    assert!(f.answer("nosoa.example.com.", ask(), 0).is_none());
+    assert_eq!(f.cache.stats(), CacheStats::default());
+}
+
+#[test]
+fn servfail_refused_formerr_are_not_cached() {
+    let f = Fixture::new(small_config());
+    for rcode in [
+        ResponseCode::ServFail,
+        ResponseCode::Refused,
+        ResponseCode::FormErr,
+        ResponseCode::NotImp,
+    ] {
+        let authority = vec![soa("example.com.", 300, 300)];
+        let inserted = f.insert("fail.example.com.", ask(), rcode, vec![], authority);
+        assert!(matches!(inserted, Inserted::NotCached(_)), "{rcode:?}");
+    }
+    assert!(f.answer("fail.example.com.", ask(), 0).is_none());
+    assert_eq!(f.cache.stats().bytes, 0);
+}
+
+#[test]
+fn truncated_and_mismatched_replies_are_not_cached() {
+    let f = Fixture::new(small_config());
+    let query = query_bytes("tc.example.com.", ask());
+    let q = parse_query(&query).unwrap();
+    let mut response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![a("tc.example.com.", 60, 1)],
+        vec![],
+    );
+    response[2] |= 0x02; // TC=1
+    assert_eq!(
+        f.cache.insert(&q, &response, f.t0),
+        Inserted::NotCached("truncated reply (TC=1)")
+    );
+
+    let other = query_bytes("other.example.com.", ask());
+    let response = reply(
+        &other,
+        ResponseCode::NoError,
+        vec![a("other.example.com.", 60, 1)],
+        vec![],
+    );
+    assert!(matches!(
+        f.cache.insert(&q, &response, f.t0),
+        Inserted::NotCached(_)
+    ));
+    assert!(
+        matches!(f.cache.insert(&q, &query, f.t0), Inserted::NotCached(_)),
+        "QR=0"
+    );
+    assert!(matches!(
+        f.cache.insert(&q, &response[..20], f.t0),
+        Inserted::NotCached(_)
+    ));
+    assert!(f.answer("tc.example.com.", ask(), 0).is_none());
+}
+
+#[test]
+fn opt_is_stripped_for_clients_without_edns_and_kept_bare_for_others() {
+    let f = Fixture::new(small_config());
+    let query = query_bytes("opt.example.com.", ask());
+    let mut response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![a("opt.example.com.", 60, 1)],
+        vec![],
+    );
+    // Give the upstream's OPT a COOKIE option (the forwarder's cookie, not for clients).
+    let rdlen_at = response.len() - 2;
+    response.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+    response[rdlen_at + 1] = 12;
+    assert!(Message::from_vec(&response).unwrap().edns.is_some());
+    let inserted = f
+        .cache
+        .insert(&parse_query(&query).unwrap(), &response, f.t0);
+    assert_eq!(inserted, Inserted::Cached(EntryKind::Success));
+
+    let (m, _) = f.answer("opt.example.com.", ask(), 0).unwrap();
+    let edns = m.edns.expect("EDNS client gets an OPT");
+    assert_eq!(edns.max_payload(), 1232);
+    assert!(edns.options().as_ref().is_empty(), "no upstream options");
+
+    let plain = Ask {
+        edns: false,
+        ..ask()
+    };
+    let (m, _) = f.answer("opt.example.com.", plain, 0).unwrap();
+    assert!(m.edns.is_none());
+    assert!(m.additionals.is_empty());
+    assert_eq!(m.answers.len(), 1);
+}
+
+#[test]
+fn long_answers_are_truncated_to_the_limit_with_tc() {
+    let f = Fixture::new(small_config());
+    let answers: Vec<_> = (1..=100).map(|i| a("big.example.com.", 60, i)).collect();
+    f.insert(
+        "big.example.com.",
+        ask(),
+        ResponseCode::NoError,
+        answers,
+        vec![],
+    );
+    for (o, has_opt) in [
+        (ask(), true),
+        (
+            Ask {
+                edns: false,
+                ..ask()
+            },
+            false,
+        ),
+    ] {
+        let query = query_bytes("big.example.com.", o);
+        let q = parse_query(&query).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(
+            f.cache.answer(&q, f.t0, &mut out, wire::udp_limit(&q)),
+            Answer::Fresh { .. }
+        ));
+        assert!(out.len() <= wire::udp_limit(&q));
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.metadata.truncation);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.edns.is_some(), has_opt);
+
+        assert!(matches!(
+            f.cache.answer(&q, f.t0, &mut out, 65535),
+            Answer::Fresh { .. }
+        ));
+        let m = Message::from_vec(&out).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 100);
+    }
+}
+
+#[test]
+fn lru_eviction_per_kind_is_counted() {
+    let cfg = CacheConfig {
+        success_capacity: 2,
+        denial_capacity: 2,
+        ..small_config()
+    };
+    let f = Fixture::new(cfg);
+    f.insert_a("a.example.com.", 60);
+    f.insert_a("b.example.com.", 60);
+    assert!(
+        f.answer("a.example.com.", ask(), 0).is_some(),
+        "a is now most recent"
+    );
+    f.insert_a("c.example.com.", 60);
+    assert!(
+        f.answer("b.example.com.", ask(), 0).is_none(),
+        "b was least recently used"
+    );
+    assert!(f.answer("a.example.com.", ask(), 0).is_some());
+    assert!(f.answer("c.example.com.", ask(), 0).is_some());
+    for name in ["n1.example.com.", "n2.example.com."] {
+        let authority = vec![soa("example.com.", 60, 60)];
+        f.insert(name, ask(), ResponseCode::NXDomain, vec![], authority);
+    }
+    let stats = f.cache.stats();
+    assert_eq!(stats.success_entries, 2);
+    assert_eq!(stats.denial_entries, 2);
+    assert_eq!(stats.success_evictions, 1);
+    assert_eq!(stats.denial_evictions, 0, "denials never evict successes");
+}
+
+#[test]
+fn replacing_an_entry_does_not_grow_the_cache() {
+    let f = Fixture::new(small_config());
+    f.insert_a("same.example.com.", 60);
+    let before = f.cache.stats();
+    f.insert_a("same.example.com.", 60);
+    assert_eq!(f.cache.stats(), before);
+    assert_eq!(before.success_entries, 1);
+    assert!(before.bytes > 0);
+}
+
+#[test]
+fn byte_budget_evicts_least_recently_used() {
+    let probe = Fixture::new(small_config());
+    probe.insert_a("x00.example.com.", 60);
+    let one = probe.cache.stats().bytes;
+    let cfg = CacheConfig {
+        max_bytes: one * 3 + one / 2,
+        ..small_config()
+    };
+    let f = Fixture::new(cfg.clone());
+    for i in 0..10 {
+        f.insert_a(&format!("x{i:02}.example.com."), 60);
+        assert!(f.cache.stats().bytes <= cfg.max_bytes);
+    }
+    let stats = f.cache.stats();
+    assert_eq!(stats.success_entries, 3);
+    assert_eq!(stats.success_evictions, 7);
+    assert!(f.answer("x09.example.com.", ask(), 0).is_some());
+    assert!(f.answer("x00.example.com.", ask(), 0).is_none());
+
+    let tiny = Fixture::new(CacheConfig {
+        max_bytes: one - 1,
+        ..small_config()
+    });
+    assert!(matches!(
+        tiny.insert_a("x00.example.com.", 60),
+        Inserted::NotCached(_)
+    ));
+}
+
+#[test]
+fn stale_answers_within_the_window_only() {
+    let f = Fixture::new(small_config());
+    f.insert_a("stale.example.com.", 10);
+    assert!(
+        f.answer("stale.example.com.", ask(), 10).is_none(),
+        "expired"
+    );
+    let m = f
+        .stale("stale.example.com.", 10)
+        .expect("stale within window");
+    assert_eq!(ttls(&m), vec![30]);
+    let fresh = f
+        .stale("stale.example.com.", 4)
+        .expect("fresh entries serve too");
+    assert_eq!(ttls(&fresh), vec![6]);
+    assert!(f.stale("stale.example.com.", 10 + 3599).is_some());
+    assert!(
+        f.stale("stale.example.com.", 10 + 3600).is_none(),
+        "past the window"
+    );
+    assert_eq!(f.cache.stats().success_entries, 0, "dead entry removed");
+    assert!(f.stale("never.example.com.", 0).is_none());
+}
+
+#[test]
+fn prefetch_is_signalled_once_per_refresh_cycle() {
+    let cfg = CacheConfig {
+        prefetch_hits: 3,
+        ..small_config()
+    };
+    let f = Fixture::new(cfg);
+    f.insert_a("pf.example.com.", 20);
+    let prefetch = |secs| match f.answer("pf.example.com.", ask(), secs) {
+        Some((_, Answer::Fresh { prefetch, .. })) => prefetch,
+        other => panic!("expected a hit, got {other:?}"),
+    };
+    assert!(!prefetch(0));
+    assert!(!prefetch(1));
+    assert!(!prefetch(2), "3 hits but 90 % of the TTL left");
+    assert!(prefetch(16), "4 hits and 20 % left");
+    assert!(!prefetch(17), "only once");
+    // The refresh replaces the entry and starts a new cycle.
+    let query = query_bytes("pf.example.com.", ask());
+    let response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![a("pf.example.com.", 20, 1)],
+        vec![],
+    );
+    f.cache
+        .insert(&parse_query(&query).unwrap(), &response, f.at(17));
+    assert!(!prefetch(18));
+    assert!(!prefetch(19));
+    assert!(prefetch(33), "new cycle: 3 hits and 20 % left");
+    assert!(!prefetch(34), "only once again");
+}
+
+#[test]
+fn prefetch_needs_hits_within_the_window() {
+    let cfg = CacheConfig {
+        prefetch_hits: 2,
+        prefetch_window: Duration::from_secs(5),
+        ..small_config()
+    };
+    let f = Fixture::new(cfg);
+    f.insert_a("w.example.com.", 30);
+    let prefetch = |secs| {
+        matches!(
+            f.answer("w.example.com.", ask(), secs),
+            Some((_, Answer::Fresh { prefetch: true, .. }))
+        )
+    };
+    assert!(!prefetch(0));
+    assert!(!prefetch(24), "window restarted: 1 hit");
+    assert!(prefetch(25), "2 hits within 5 s, 16 % left");
+}
+
+#[test]
+fn cache_is_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Cache>();
+    let f = Fixture::new(CacheConfig::default());
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let f = &f;
+            s.spawn(move || {
+                for i in 0..200 {
+                    f.insert_a(&format!("t{t}-{i}.example.com."), 60);
+                    assert!(
+                        f.answer(&format!("t{t}-{i}.example.com."), ask(), 1)
+                            .is_some()
+                    );
+                }
+            });
+        }
+    });
+    assert_eq!(f.cache.stats().success_entries, 400);
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_replies_never_panic(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+        ) {
+            let f = Fixture::new(small_config());
+            let query = query_bytes("fz.example.com.", ask());
+            let answers = vec![a("fz.example.com.", 60, 1), a("fz.example.com.", 30, 2)];
+            let mut response = reply(&query, ResponseCode::NXDomain, answers, vec![soa("example.com.", 60, 60)]);
+            for (at, value) in flips {
+                let len = response.len();
+                response[at % len] = value;
+            }
+            response.truncate(cut % (response.len() + 1));
+            let q = parse_query(&query).unwrap();
+            if let Inserted::Cached(_) = f.cache.insert(&q, &response, f.t0) {
+                let mut out = Vec::new();
+                let hit = f.cache.answer(&q, f.t0, &mut out, 512);
+                prop_assert_ne!(hit, Answer::Miss);
+                prop_assert!(out.len() <= 512);
+                prop_assert!(f.cache.answer_stale(&q, f.at(100), &mut out, 100));
+            }
+        }
+    }
+}

@@ -115,12 +115,7 @@ impl SimNode {
         })?;
         let fs = NodeFs::new(node.path(), node.dir.path())?;
         let runtime = RuntimeHost::start(opts.runtime, &fs)?;
-        let conf = format!("{}/{BRIDGE_CONFLIST}", runtime::CNI_CONF_DIR);
-        fs.write_file(
-            &conf,
-            &runtime::bridge_conflist(opts.cni_version, opts.dual_stack),
-        )?;
-        let sim = Self {
+        let mut sim = Self {
             daemons: Vec::new(),
             runtime,
             fs,
@@ -128,6 +123,7 @@ impl SimNode {
             opts,
             daemon_count: 0,
         };
+        sim.write_conflist(&runtime::bridge_conflist(opts.cni_version, opts.dual_stack))?;
         if opts.install {
             install::install(&sim.fs, &sim.cluster_dns(), &[])?;
         }
@@ -141,6 +137,54 @@ impl SimNode {
             v.push(self.node.cluster_ip6());
         }
         v
+    }
+
+    /// Replaces the conflist the runtime reads (the primary CNI writing its file).
+    pub fn write_conflist(&mut self, text: &str) -> Result<(), HarnessError> {
+        let parsed: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| HarnessError::Other(format!("conflist: {e}")))?;
+        self.runtime.network = parsed["name"].as_str().unwrap_or_default().to_string();
+        let conf = format!("{}/{BRIDGE_CONFLIST}", runtime::CNI_CONF_DIR);
+        self.fs.write_file(&conf, text)
+    }
+
+    /// Copies the plugin binary into the node's CNI bin dir (what the installer does), for
+    /// tests that chain it by hand.
+    pub fn copy_plugin(&self) -> Result<(), HarnessError> {
+        let plugin = bin_path(install::PLUGIN_BIN);
+        if !plugin.exists() {
+            return Err(HarnessError::MissingBinary(plugin));
+        }
+        let dest = format!("{}/{}", runtime::CNI_BIN_DIR, install::PLUGIN_BIN);
+        self.fs
+            .in_mount_ns(&["cp", &plugin.to_string_lossy(), &dest])
+            .map(|_| ())
+    }
+
+    /// Addresses (`ip/len`) on the node's `nodelocaldns` interface; empty when it is absent.
+    pub fn nodelocaldns_addrs(&self) -> Vec<String> {
+        self.node
+            .ns
+            .ip(&["-o", "addr", "show", "dev", "nodelocaldns"])
+            .map(|out| {
+                out.lines()
+                    .filter_map(|l| Some(l.split_whitespace().nth(3)?.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Addresses host-local IPAM still holds for the conflist's network (released on DEL).
+    pub fn ipam_reserved(&self) -> Result<Vec<String>, HarnessError> {
+        let dir = format!("/var/lib/cni/networks/{}", self.runtime.network);
+        let out = self
+            .fs
+            .in_mount_ns(&["sh", "-c", &format!("ls {dir} 2>/dev/null || true")])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.parse::<IpAddr>().is_ok())
+            .map(str::to_string)
+            .collect())
     }
 
     /// The conflist the runtime reads.

@@ -185,6 +185,8 @@ pub fn kubelet_resolv_conf(namespace: &str, nameserver: IpAddr) -> String {
 #[derive(Debug)]
 pub struct RuntimeHost {
     pub runtime: Runtime,
+    /// `name` of the conflist in the conf dir (podman's `--network`).
+    pub network: String,
     containerd: Option<Child>,
     dir: PathBuf,
     counter: u32,
@@ -205,6 +207,7 @@ impl RuntimeHost {
         }
         let mut host = Self {
             runtime,
+            network: String::new(),
             containerd: None,
             dir,
             counter: 0,
@@ -302,7 +305,7 @@ impl RuntimeHost {
         match self.runtime {
             Runtime::Podman => {
                 let mut cmd = self.podman(fs_);
-                cmd.args(["run", "-d", "--name", &id, "--network", "k8s-pod-network"])
+                cmd.args(["run", "-d", "--name", &id, "--network", &self.network])
                     .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=512:512"])
                     .arg("-v")
                     .arg(format!("{}:/etc/resolv.conf:ro", resolv.display()))

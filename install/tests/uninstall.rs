@@ -16,7 +16,11 @@ fn example(name: &str) -> Vec<u8> {
 
 fn installed_node() -> Node {
     let node = Node::new();
-    fs::write(node.conf("10-flannel.conflist"), example("flannel.without-node-local-dns.conflist")).unwrap();
+    fs::write(
+        node.conf("10-flannel.conflist"),
+        example("flannel.without-node-local-dns.conflist"),
+    )
+    .unwrap();
     assert_ok(&node.install_once(&[]));
     node
 }
@@ -46,7 +50,11 @@ fn corrupt_file_is_left_untouched_and_reported() {
     fs::write(&corrupt, b"{\"plugins\": [").unwrap();
     let out = node.uninstall(&[]);
     assert_ok(&out);
-    assert!(stderr(&out).contains("05-broken.conflist"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("05-broken.conflist"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(fs::read(&corrupt).unwrap(), b"{\"plugins\": [");
     assert!(!node.installed_plugin().exists());
 }
@@ -64,8 +72,15 @@ fn binary_stays_when_the_entry_cannot_be_removed() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no-such-conf-dir"), "{}", stderr(&out));
-    assert!(node.installed_plugin().is_file(), "binary removed while a conflist may still name it");
+    assert!(
+        stderr(&out).contains("no-such-conf-dir"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        node.installed_plugin().is_file(),
+        "binary removed while a conflist may still name it"
+    );
 }
 
 #[test]
@@ -79,7 +94,8 @@ fn teardown_without_any_cluster_ip_is_a_clear_error() {
 /// Runs `f` on a thread inside a brand-new network namespace; processes it spawns inherit it.
 fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): this test must run as root");
+        unshare(CloneFlags::CLONE_NEWNET)
+            .expect("unshare(CLONE_NEWNET): this test must run as root");
         f()
     })
     .join()
@@ -106,11 +122,20 @@ fn teardown_removes_node_state(backend: IptablesBackend, backend_arg: &'static s
         assert_ok(&out);
 
         let missing = check_node(&cfg).unwrap();
-        assert!(missing.contains(&Missing::Interface(cfg.interface.clone())), "{missing:?}");
-        let save = Command::new(format!("iptables-{backend_arg}-save")).args(["-t", "raw"]).output().unwrap();
+        assert!(
+            missing.contains(&Missing::Interface(cfg.interface.clone())),
+            "{missing:?}"
+        );
+        let save = Command::new(format!("iptables-{backend_arg}-save"))
+            .args(["-t", "raw"])
+            .output()
+            .unwrap();
         assert!(save.status.success());
         let rules = String::from_utf8_lossy(&save.stdout);
-        assert!(!rules.contains("node-local-dns"), "rules left after teardown:\n{rules}");
+        assert!(
+            !rules.contains("node-local-dns"),
+            "rules left after teardown:\n{rules}"
+        );
         assert!(!node.installed_plugin().exists());
     });
 }

@@ -184,8 +184,53 @@ impl ClusterDns {
         }
     }
 
+    /// Starts counting the queries for `name` this pod receives (an INPUT rule matching the
+    /// wire-encoded name, case-insensitively since resolvers may randomise case).
+    pub fn count_name(&self, name: &str) -> Result<(), HarnessError> {
+        let hex = wire_hex(name);
+        let comment = name_comment(name);
+        for v6 in [false, true] {
+            for proto in ["udp", "tcp"] {
+                iptables(
+                    &self.ns,
+                    self.backend,
+                    v6,
+                    &[
+                        "-A",
+                        "INPUT",
+                        "-p",
+                        proto,
+                        "--dport",
+                        "53",
+                        "-m",
+                        "string",
+                        "--algo",
+                        "bm",
+                        "--icase",
+                        "--hex-string",
+                        &hex,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &comment,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queries for `name` received since `count_name(name)`.
+    pub fn queries_for(&self, name: &str) -> Result<u64, HarnessError> {
+        self.sum_counter(&name_comment(name))
+    }
+
     /// Queries (udp+tcp, both families) this pod has received so far.
     pub fn queries_seen(&self) -> Result<u64, HarnessError> {
+        self.sum_counter(COUNT_COMMENT)
+    }
+
+    fn sum_counter(&self, comment: &str) -> Result<u64, HarnessError> {
         let mut total = 0;
         for v6 in [false, true] {
             let out = iptables(
@@ -196,7 +241,7 @@ impl ClusterDns {
             )?;
             total += out
                 .lines()
-                .filter(|l| l.contains(COUNT_COMMENT))
+                .filter(|l| l.contains(&format!("/* {comment} */")))
                 .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
                 .sum::<u64>();
         }
@@ -213,4 +258,29 @@ impl Drop for ClusterDns {
 /// Sum of the queries all cluster DNS pods have received.
 pub fn total_queries(pods: &[ClusterDns]) -> Result<u64, HarnessError> {
     pods.iter().map(ClusterDns::queries_seen).sum()
+}
+
+fn name_comment(name: &str) -> String {
+    format!("nlde-q:{}", name.trim_end_matches('.'))
+}
+
+/// `|03|web|07|default|…|00|`: the name as it appears in a query's question.
+fn wire_hex(name: &str) -> String {
+    let mut hex = String::new();
+    for label in name.trim_end_matches('.').split('.') {
+        hex.push_str(&format!("|{:02x}|{label}", label.len()));
+    }
+    hex.push_str("|00|");
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_matched_in_wire_format() {
+        assert_eq!(
+            super::wire_hex("web.default.svc"),
+            "|03|web|07|default|03|svc|00|"
+        );
+    }
 }

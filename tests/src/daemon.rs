@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::HarnessError;
 use crate::cmd::{kill_child, signal_pid};
 use crate::dns::query_udp;
-use crate::metrics::{Metrics, scrape};
+use crate::metrics::{Metrics, http_get, scrape};
 use crate::netns::in_netns;
 use crate::runtime::NodeFs;
 
@@ -66,6 +66,7 @@ impl Daemon {
         let cluster_dns: Vec<String> = opts.cluster_dns.iter().map(ToString::to_string).collect();
         let mut cmd = fs_.command(&bin.to_string_lossy());
         cmd.env("KUBE_DNS_SVC_IP", cluster_dns.join(","))
+            .env("NO_COLOR", "1")
             .env("NODE_IP", opts.node_ip.to_string())
             .env("RUST_LOG", "info")
             .arg("--metrics-listen")
@@ -99,16 +100,16 @@ impl Daemon {
         self.child.id() as i32
     }
 
-    /// Waits until the daemon answers on the link-local address from the node (the node's
-    /// own traffic to the ClusterIP goes through kube-proxy's OUTPUT DNAT, not the cache).
+    /// Waits until this instance reports ready on its own health port and a query to the
+    /// link-local address is answered (the node's own traffic to the ClusterIP goes through
+    /// kube-proxy's OUTPUT DNAT, not the cache). The health port is per instance, so an older
+    /// instance still answering DNS cannot make a failed start look ready.
     fn wait_ready(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        let server = SocketAddr::new(
-            crate::node::LOCAL_IP
-                .parse()
-                .map_err(|_| HarnessError::Other("ip".into()))?,
-            53,
-        );
+        let local: IpAddr = crate::node::LOCAL_IP
+            .parse()
+            .map_err(|_| HarnessError::Other("bad LOCAL_IP".into()))?;
+        let server = SocketAddr::new(local, 53);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(HarnessError::Other(format!(
@@ -116,6 +117,10 @@ impl Daemon {
                     self.log_text()
                 )));
             }
+            let ready = matches!(
+                http_get(&self.netns, self.opts.health, "/ready"),
+                Ok((200, _))
+            );
             let answered = in_netns(&self.netns, move || {
                 query_udp(
                     server,
@@ -124,12 +129,12 @@ impl Daemon {
                     Duration::from_millis(300),
                 )
             })?;
-            if matches!(answered, Ok(ref a) if a.rcode == 0) {
+            if ready && matches!(answered, Ok(ref a) if a.rcode == 0) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Other(format!(
-                    "daemon not answering on {server}: {answered:?}\n{}",
+                    "daemon not ready (/ready 200: {ready}, {server}: {answered:?})\n{}",
                     self.log_text()
                 )));
             }

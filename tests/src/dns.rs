@@ -258,6 +258,14 @@ impl LoadReport {
     }
 }
 
+/// Starts a load run in the network namespace at `netns` (a pod's) on a background thread.
+pub fn spawn_load(
+    netns: std::path::PathBuf,
+    spec: LoadSpec,
+) -> std::thread::JoinHandle<Result<LoadReport, crate::HarnessError>> {
+    std::thread::spawn(move || crate::netns::in_netns(&netns, move || run_load(&spec)))
+}
+
 /// Runs the load in the calling thread's network namespace (call it through `in_netns`).
 pub fn run_load(spec: &LoadSpec) -> LoadReport {
     let start = Instant::now();

@@ -216,6 +216,16 @@ impl Node {
         crate::clusterdns::total_queries(&self.dns)
     }
 
+    /// Starts counting queries for `name` at every cluster DNS pod.
+    pub fn count_name(&self, name: &str) -> Result<(), HarnessError> {
+        self.dns.iter().try_for_each(|pod| pod.count_name(name))
+    }
+
+    /// Queries for `name` the cluster DNS pods received since `count_name(name)`.
+    pub fn upstream_queries_for(&self, name: &str) -> Result<u64, HarnessError> {
+        self.dns.iter().map(|pod| pod.queries_for(name)).sum()
+    }
+
     /// Stops (`false`) or restarts (`true`) every cluster DNS pod's server.
     pub fn set_cluster_dns_running(&mut self, running: bool) -> Result<(), HarnessError> {
         for pod in &mut self.dns {

@@ -47,7 +47,12 @@ pub enum SocketMatchArg {
 
 /// Node-local caching DNS forwarder that holds the kube-dns ClusterIP socket.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "node-local-dns-resolver", version, about)]
+#[command(
+    name = "node-local-dns-resolver",
+    version,
+    about,
+    args_override_self = true
+)]
 pub struct Args {
     /// Address to serve DNS on (UDP and TCP), IP[:PORT], repeatable or comma-separated.
     /// Bound to that exact address with IP_FREEBIND. Default: the kube-dns ClusterIP(s) and

@@ -474,6 +474,15 @@ fn counter_family(
     fam
 }
 
+/// `SetupError::kind()` values (node-setup) plus our own "panic".
+const SETUP_ERROR_KINDS: [&str; 5] = [
+    "lock",
+    "interface_add",
+    "address_add",
+    "iptables",
+    "netlink",
+];
+
 /// Exports the plugin's counters from the node-setup stats file plus the daemon's own setup
 /// errors, read at scrape time (the file is the plugin's; we never write it).
 struct NodeCollector {
@@ -537,15 +546,25 @@ impl Collector for NodeCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         use prometheus::proto::{LabelPair, Metric, MetricType, Summary};
         let stats = self.load();
-        let mut errors: BTreeMap<String, u64> = stats.setup_errors.clone();
+        // Known error types and commands are exported at zero from the start.
+        let mut errors: BTreeMap<String, u64> = SETUP_ERROR_KINDS
+            .iter()
+            .map(|k| (k.to_string(), 0))
+            .collect();
+        for (k, v) in &stats.setup_errors {
+            *errors.entry(k.clone()).or_default() += v;
+        }
         if let Ok(own) = self.own_errors.lock() {
             for (k, v) in own.iter() {
                 *errors.entry(k.clone()).or_default() += v;
             }
         }
         let errs: Vec<(String, f64)> = errors.into_iter().map(|(k, v)| (k, v as f64)).collect();
-        let ops: Vec<(String, f64)> = stats
-            .operations
+        let mut operations = stats.operations.clone();
+        for cmd in ["ADD", "CHECK"] {
+            operations.entry(cmd.to_string()).or_default();
+        }
+        let ops: Vec<(String, f64)> = operations
             .iter()
             .map(|(k, v)| (k.clone(), *v as f64))
             .collect();
@@ -553,7 +572,7 @@ impl Collector for NodeCollector {
         dur.set_name("node_local_dns_cni_operation_duration_seconds".into());
         dur.set_help("Time the CNI plugin spent per command.".into());
         dur.set_field_type(MetricType::SUMMARY);
-        for (cmd, count) in &stats.operations {
+        for (cmd, count) in &operations {
             let mut m = Metric::default();
             let mut lp = LabelPair::default();
             lp.set_name("command".into());

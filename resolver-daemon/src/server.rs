@@ -255,8 +255,11 @@ async fn start_http(cfg: &Config, health: Arc<Health>) -> Result<(), ServerError
         addrs.push(cfg.health_listen);
     }
     for addr in addrs {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
+        let l = sockets::bind_tcp(addr).map_err(|e| ServerError::Http {
+            addr,
+            source: e.source,
+        })?;
+        let l = tokio::net::TcpListener::from_std(l)
             .map_err(|source| ServerError::Http { addr, source })?;
         let ep: Arc<dyn Endpoints> = health.clone();
         tokio::spawn(http::serve(l, ep));

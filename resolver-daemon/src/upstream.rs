@@ -136,6 +136,12 @@ impl Forwarder {
             .chain(external.iter().flat_map(|s| s.upstreams.iter()))
         {
             metrics.healthy.with_label_values(&[&u.label]).set(1);
+            // Zero-valued series from the start, so rate() and alerts see them.
+            metrics.healthcheck_failures.with_label_values(&[&u.label]);
+            metrics
+                .proxy_healthcheck_failures
+                .with_label_values(&["forward", &u.label]);
+            metrics.requests.with_label_values(&[&u.label]);
         }
         let slots = Arc::new(Semaphore::new(cfg.max_concurrent));
         Self {

@@ -1,0 +1,244 @@
+//! Start-up errors, metrics and health endpoints, SIGTERM, watchdog probe.
+mod common;
+use common::*;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn answering(n: u8, delay: Duration) -> FakeUpstream {
+    let script: Arc<Script> = Arc::new(move |q: &[u8]| {
+        vec![
+            Step::Sleep(delay),
+            Step::Reply(reply_to(q, 0, &[[192, 0, 2, 1]], 300, false)),
+        ]
+    });
+    FakeUpstream::start(sa(n, UP_PORT), script, None)
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--listen",
+            "0.0.0.0:53",
+            "--upstream",
+            "127.0.30.1",
+            "--no-node-setup",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wildcard"), "{err}");
+    let out = std::process::Command::new(BIN)
+        .env_remove("KUBE_DNS_SVC_IP")
+        .env_remove("NODE_LOCAL_DNS_LISTEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no listen address"));
+    let help = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--upstream-source",
+        "NODE_LOCAL_DNS_UPSTREAM_PROTO",
+        "--watchdog-timeout",
+        "--external-to-resolv-conf",
+    ] {
+        assert!(help.contains(flag), "help mentions {flag}");
+    }
+}
+
+#[test]
+fn metrics_use_the_coredns_names_and_health_endpoints_answer() {
+    let up = answering(51, Duration::ZERO);
+    let d = Daemon::start(50, &[up.addr], &[]);
+    assert_eq!(http_get(d.http, "/health").0, 200);
+    wait_until("ready", Duration::from_secs(10), || {
+        http_get(d.http, "/ready").0 == 200
+    });
+    ask(d.dns, "m.example", 1);
+    ask(d.dns, "m.example", 1);
+    tcp_ask(d.dns, &query(3, "m.example", 28, None));
+    let m = d.metrics();
+    let server = "server=\"dns://127.0.30.50:1053\"";
+    let to = "to=\"127.0.30.51:2053\"";
+    let expect: &[(&str, &[&str])] = &[
+        ("coredns_build_info", &[]),
+        (
+            "coredns_dns_requests_total",
+            &[
+                server,
+                "zone=\".\"",
+                "proto=\"udp\"",
+                "family=\"1\"",
+                "type=\"A\"",
+            ],
+        ),
+        (
+            "coredns_dns_requests_total",
+            &[server, "proto=\"tcp\"", "type=\"AAAA\""],
+        ),
+        (
+            "coredns_dns_request_duration_seconds_count",
+            &[server, "type=\"A\""],
+        ),
+        (
+            "coredns_dns_responses_total",
+            &[server, "rcode=\"NOERROR\"", "plugin=\"cache\""],
+        ),
+        (
+            "coredns_dns_responses_total",
+            &[server, "rcode=\"NOERROR\"", "plugin=\"forward\""],
+        ),
+        (
+            "coredns_dns_request_size_bytes_count",
+            &[server, "proto=\"udp\""],
+        ),
+        (
+            "coredns_dns_response_size_bytes_count",
+            &[server, "proto=\"tcp\""],
+        ),
+        (
+            "coredns_cache_hits_total",
+            &[server, "type=\"success\"", "zones=\".\""],
+        ),
+        ("coredns_cache_misses_total", &[server]),
+        ("coredns_cache_requests_total", &[server]),
+        ("coredns_cache_entries", &["type=\"success\""]),
+        ("coredns_forward_requests_total", &[to]),
+        (
+            "coredns_forward_responses_total",
+            &[to, "rcode=\"NOERROR\""],
+        ),
+        ("coredns_forward_request_duration_seconds_count", &[to]),
+        (
+            "coredns_proxy_request_duration_seconds_count",
+            &["proxy_name=\"forward\"", to, "rcode=\"NOERROR\""],
+        ),
+        ("node_local_dns_upstream_healthy", &[to]),
+    ];
+    for (name, labels) in expect {
+        assert!(
+            metric_sum(&m, name, labels) >= 1.0,
+            "{name} {labels:?} in\n{m}"
+        );
+    }
+    for family in [
+        "coredns_panics_total",
+        "coredns_cache_prefetch_total",
+        "coredns_cache_served_stale_total",
+        "coredns_cache_evictions_total",
+        "coredns_forward_max_concurrent_rejects_total",
+        "coredns_forward_healthcheck_broken_total",
+        "coredns_forward_healthcheck_failures_total",
+        "coredns_proxy_healthcheck_failures_total",
+        "coredns_nodecache_setup_errors_total",
+        "node_local_dns_coalesced_queries_total",
+        "node_local_dns_cni_operations_total",
+        "node_local_dns_cni_operation_duration_seconds",
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {family} ")),
+            "family {family} exported"
+        );
+    }
+    // The exposition is valid for Prometheus's own checker.
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (package prometheus)");
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), m.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("error"), "promtool: {text}");
+}
+
+#[test]
+fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
+    let up = answering(53, Duration::from_millis(800));
+    let mut d = Daemon::start(
+        52,
+        &[up.addr],
+        &["--grace-period", "5s", "--health-check-interval", "1h"],
+    );
+    let dns = d.dns;
+    let in_flight =
+        std::thread::spawn(move || tcp_ask(dns, &query(99, "draining.example", 1, None)));
+    wait_until("query upstream", Duration::from_secs(5), || {
+        up.count("draining.example") >= 1
+    });
+    d.sigterm();
+    // The UDP port is released at once: we can bind it ourselves while the TCP query drains.
+    wait_until("udp listener closed", Duration::from_secs(3), || {
+        std::net::UdpSocket::bind(dns).is_ok()
+    });
+    let reply = in_flight.join().unwrap();
+    assert_eq!(
+        (id_of(&reply), answers(&reply)),
+        (99, vec!["192.0.2.1".to_string()])
+    );
+    let status = d.proc.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?} signal {:?}",
+        status.signal()
+    );
+}
+
+#[test]
+fn the_watchdog_probe_sees_a_live_daemon_and_a_dead_socket() {
+    let up = answering(55, Duration::ZERO);
+    let d = Daemon::start(54, &[up.addr], &[]);
+    assert!(resolver::watchdog::probe(d.dns, Duration::from_secs(1)));
+    // A bound socket nobody reads: the probe fails.
+    let silent = std::net::UdpSocket::bind(sa(56, DNS_PORT)).unwrap();
+    assert!(!resolver::watchdog::probe(
+        silent.local_addr().unwrap(),
+        Duration::from_millis(300)
+    ));
+}
+
+#[test]
+fn the_watchdog_exits_when_its_listener_cannot_be_reached() {
+    // A private network namespace whose loopback is down: every socket binds (IP_FREEBIND)
+    // but nothing can reach the listener, so every self-probe fails.
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            BIN,
+            "--listen",
+            "127.0.30.57:1053",
+            "--upstream",
+            "127.0.30.59:2053",
+            "--no-node-setup",
+        ])
+        .args([
+            "--metrics-listen",
+            "127.0.30.58:18080",
+            "--health-listen",
+            "127.0.30.58:18080",
+            "--watchdog-timeout",
+            "1s",
+        ])
+        .output()
+        .expect("unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "non-zero exit: {:?}\n{err}",
+        out.status
+    );
+    assert!(
+        err.contains("watchdog"),
+        "exited because of the watchdog:\n{err}"
+    );
+}

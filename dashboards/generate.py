@@ -213,9 +213,11 @@ TEMPLATING = [
     variable("rcode", "Rcode",
              'label_values(coredns_dns_responses_total{job="node-local-dns", node=~"$node"}, rcode)',
              "Response codes sent to clients."),
+    # Every configured upstream has this gauge from start-up, so an upstream that never
+    # answered (the one you want to look at) still gets its row.
     variable("upstream", "Upstream",
-             'label_values(coredns_proxy_request_duration_seconds_count{job="node-local-dns", node=~"$node"}, to)',
-             "Upstream servers (the `to` label), normally the kube-dns ClusterIP."),
+             'label_values(node_local_dns_upstream_healthy{job="node-local-dns", node=~"$node"}, to)',
+             "Configured upstream servers (the `to` label), normally the kube-dns ClusterIP."),
 ]
 
 

@@ -4,8 +4,12 @@
 //! the PodMonitor's relabelings and the PrometheusRule loaded as its rule file. Every dashboard
 //! expression must parse and return series; every alert must load, evaluate and parse.
 //!
-//! Addresses: 127.0.40.1 knotd, 127.0.40.2 the daemon, 127.0.40.3 Prometheus (loopback only).
-//! Needs root (port 53), knotd, prometheus, promtool and /usr/bin/python3 with python3-yaml.
+//! Addresses: 127.0.40.1 knotd, 127.0.40.2 the daemon, 127.0.40.3 Prometheus, 127.0.40.4 a
+//! dead upstream (loopback only). The CNI panels get data from the real plugin, run twice in
+//! throwaway network namespaces (`unshare --net`): one ADD that sets the namespace up, one
+//! whose lock file cannot be created (a real setup error, failure policy open).
+//! Needs root (port 53, netns), knotd, prometheus, promtool, unshare, iptables and
+//! /usr/bin/python3 with python3-yaml.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -21,6 +25,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 
 const UPSTREAM: &str = "127.0.40.1:53";
+/// A second upstream nobody listens on: its health checks fail, so the health-check panels
+/// have series and the health-check alert must go pending for exactly this `to`.
+const DEAD_UPSTREAM: &str = "127.0.40.4:53";
 const DAEMON_DNS: &str = "127.0.40.2:53";
 const DAEMON_METRICS: &str = "127.0.40.2:9253";
 const DAEMON_HEALTH: &str = "127.0.40.2:8080";
@@ -603,7 +610,7 @@ fn query_mix(server: SocketAddr, stop: &AtomicBool) -> BTreeMap<String, u64> {
             QTYPE_A,
         ));
         count(dns_udp(server, "web.default.svc.cluster.local", QTYPE_AAAA));
-        if round % 5 == 0 {
+        if round.is_multiple_of(5) {
             count(dns_tcp(
                 server,
                 "kube-dns.kube-system.svc.cluster.local",
@@ -711,7 +718,54 @@ fn first_value(result: &[Value]) -> Option<f64> {
 // ---------------------------------------------------------------------------------------
 // The daemon and Prometheus.
 
-fn start_daemon(dir: &Path) -> Result<Proc> {
+/// Runs the real CNI plugin's ADD in a fresh network namespace of its own, so its node setup
+/// changes nothing of this machine; the stats it records land in `stats_dir`.
+fn run_cni_add(stats_dir: &Path, lock_file: &Path) -> Result<()> {
+    let plugin = simnode::bin_path("node-local-dns");
+    ensure!(
+        plugin.exists(),
+        "{} missing: build the workspace bins",
+        plugin.display()
+    );
+    let prev = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/nldm"}],"ips":[{"address":"10.244.0.5/24","interface":0}]}"#;
+    let config = json!({
+        "cniVersion": "1.0.0", "name": "k8s", "type": "node-local-dns",
+        "clusterDNS": ["10.96.0.10"], "failurePolicy": "open",
+        "logFile": stats_dir.join("cni.log"), "statsDir": stats_dir, "lockFile": lock_file,
+        "prevResult": serde_json::from_str::<Value>(prev)?,
+    });
+    let mut child = Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(&plugin)
+        .envs([
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "nldm-dashboards"),
+            ("CNI_NETNS", "/var/run/netns/nldm"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run unshare --net node-local-dns")?;
+    child
+        .stdin
+        .take()
+        .context("plugin stdin")?
+        .write_all(config.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success() && out.stdout == prev.as_bytes(),
+        "plugin ADD ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn start_daemon(dir: &Path, stats_dir: &Path) -> Result<Proc> {
     let bin = simnode::bin_path("node-local-dns-resolver");
     ensure!(
         bin.exists(),
@@ -721,17 +775,20 @@ fn start_daemon(dir: &Path) -> Result<Proc> {
     let log = dir.join("daemon.log");
     let mut daemon = Proc::spawn(
         "node-local-dns-resolver",
-        Command::new(&bin).args([
-            "--listen",
-            DAEMON_DNS,
-            "--upstream",
-            UPSTREAM,
-            "--no-node-setup",
-            "--metrics-listen",
-            DAEMON_METRICS,
-            "--health-listen",
-            DAEMON_HEALTH,
-        ]),
+        Command::new(&bin)
+            .args([
+                "--listen",
+                DAEMON_DNS,
+                "--upstream",
+                &format!("{UPSTREAM},{DEAD_UPSTREAM}"),
+                "--no-node-setup",
+                "--metrics-listen",
+                DAEMON_METRICS,
+                "--health-listen",
+                DAEMON_HEALTH,
+            ])
+            .arg("--stats-dir")
+            .arg(stats_dir),
         &log,
     )?;
     let server: SocketAddr = DAEMON_DNS.parse()?;
@@ -844,6 +901,34 @@ fn check_rules_loaded_and_healthy(expected: usize) -> Result<()> {
     })
 }
 
+/// The health-check alert must catch the dead upstream, labelled as the PodMonitor sets it,
+/// and must not blame the live one.
+fn wait_for_dead_upstream_alert() -> Result<()> {
+    wait_for(
+        "NodeLocalDNSUpstreamHealthCheckFailing for the dead upstream",
+        || {
+            let data = prom_api("alerts", &[])?;
+            let firing: Vec<&Value> = data["alerts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["labels"]["alertname"] == "NodeLocalDNSUpstreamHealthCheckFailing")
+                .collect();
+            let blames = |to: &str| {
+                firing
+                    .iter()
+                    .any(|a| a["labels"]["to"] == to && a["labels"]["node"] == NODE_NAME)
+            };
+            ensure!(
+                !blames(UPSTREAM),
+                "alert blames the live upstream: {firing:?}"
+            );
+            ensure!(blames(DEAD_UPSTREAM), "alert not raised: {firing:?}");
+            Ok(())
+        },
+    )
+}
+
 /// Evaluates the variables' label_values() queries in order; returns each variable's values.
 fn variable_values(dashboard: &Value) -> Result<BTreeMap<String, Vec<String>>> {
     let mut values = BTreeMap::new();
@@ -877,7 +962,10 @@ fn every_dashboard_query_and_alert_evaluates_against_the_real_daemon() -> Result
     let knot_dir = tmp.path().join("knot");
     std::fs::create_dir(&knot_dir)?;
     let _knotd = start_knotd(&knot_dir)?;
-    let _daemon = start_daemon(tmp.path())?;
+    let stats_dir = tmp.path().join("stats");
+    run_cni_add(&stats_dir, &tmp.path().join("setup.lock"))?;
+    run_cni_add(&stats_dir, Path::new("/proc/nldm-no-such-dir/setup.lock"))?;
+    let _daemon = start_daemon(tmp.path(), &stats_dir)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -910,6 +998,7 @@ fn evaluate_everything(dir: &Path) -> Result<()> {
     for (name, expr) in &alerts {
         instant(expr).with_context(|| format!("alert {name}: {expr}"))?;
     }
+    wait_for_dead_upstream_alert()?;
 
     let dashboard = load_dashboard()?;
     let values = wait_for("every dashboard variable to have values", || {

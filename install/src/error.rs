@@ -4,12 +4,9 @@ use std::path::PathBuf;
 /// line alone tells the operator what to look at.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io::Error is part of the message, not a `source`, so it is printed once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not valid JSON ({msg}); left untouched, will retry")]
     Unparsable { path: PathBuf, msg: String },
     #[error("{path}: not a usable CNI config: {msg}; left untouched")]
@@ -36,7 +33,7 @@ impl InstallError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         InstallError::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

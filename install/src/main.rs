@@ -18,8 +18,23 @@ use node_local_dns_install::{confdir, plugin_binary};
 #[derive(Debug, Parser)]
 #[command(name = "node-local-dns-install", version, about)]
 struct Cli {
+    /// Log format on stderr (the resolver reads the same variable).
+    #[arg(
+        long,
+        global = true,
+        env = "NODE_LOCAL_DNS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,25 +134,28 @@ enum BackendArg {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
     // Block termination signals before any thread exists so every thread inherits the mask
     // and only the dedicated signal thread receives them.
     let signals = termination_signals();
     signals.thread_block().context("blocking SIGTERM/SIGINT")?;
-    match Cli::parse().command {
+    match cli.command {
         Command::Install(args) => install(args, signals),
         Command::Uninstall(args) => uninstall(args),
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn termination_signals() -> SigSet {

@@ -62,7 +62,8 @@ fn entry_is_put_back_when_the_primary_cni_rewrites_its_file() {
             fs::read(&conf).unwrap() == example(WITH)
         });
     }
-    assert!(logs.count(WRITE_LINE) >= 4, "{}", logs.text());
+    // The log line follows the write: wait for it rather than race the reader thread.
+    wait_until("a logged write per round", || logs.count(WRITE_LINE) >= 4);
 }
 
 #[test]
@@ -91,7 +92,10 @@ fn own_writes_cause_no_write_loop() {
     let node = Node::new();
     let (_child, logs, conf) = started(&node);
     let inode_after_install = inode(&conf);
+    // A resync line after the install means the install's own log lines were read too.
+    wait_until("the first resync", || logs.count(RESYNC_LINE) >= 1);
     let writes = logs.count(WRITE_LINE);
+    assert_eq!(writes, 1, "{}", logs.text());
     let resyncs = logs.count(RESYNC_LINE);
     wait_until("five more resync rounds", || {
         logs.count(RESYNC_LINE) >= resyncs + 5

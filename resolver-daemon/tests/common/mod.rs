@@ -183,11 +183,15 @@ pub fn tcp_ask(server: SocketAddr, msg: &[u8]) -> Vec<u8> {
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+pub fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    s.read_to_string(&mut resp)?;
     let status = resp
         .split_whitespace()
         .nth(1)
@@ -197,7 +201,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -323,6 +327,30 @@ pub fn big_txt_records() -> String {
 }
 
 pub fn knot(dir: &Path, addr: SocketAddr) -> Proc {
+    let conf_path = write_knot_config(dir, addr);
+    let child = Command::new("knotd")
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start knotd");
+    let mut p = Proc { child };
+    wait_until("knotd to answer", Duration::from_secs(15), || {
+        if let Ok(Some(st)) = p.child.try_wait() {
+            panic!("knotd exited: {st}");
+        }
+        udp_exchange(
+            addr,
+            &query(1, "example.test", 6, None),
+            Duration::from_millis(200),
+        )
+        .is_some()
+    });
+    p
+}
+
+/// Writes the zone and a knot.conf serving it on `addr`; returns the config path.
+pub fn write_knot_config(dir: &Path, addr: SocketAddr) -> std::path::PathBuf {
     let zones = dir.join("zones");
     std::fs::create_dir_all(&zones).unwrap();
     std::fs::create_dir_all(dir.join("db")).unwrap();
@@ -361,25 +389,7 @@ zone:
     );
     let conf_path = dir.join("knot.conf");
     std::fs::write(&conf_path, conf).unwrap();
-    let child = Command::new("knotd")
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start knotd");
-    let mut p = Proc { child };
-    wait_until("knotd to answer", Duration::from_secs(15), || {
-        if let Ok(Some(st)) = p.child.try_wait() {
-            panic!("knotd exited: {st}");
-        }
-        udp_exchange(
-            addr,
-            &query(1, "example.test", 6, None),
-            Duration::from_millis(200),
-        )
-        .is_some()
-    });
-    p
+    conf_path
 }
 
 // ---------------------------------------------------------------- scriptable fake upstream

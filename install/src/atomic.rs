@@ -103,10 +103,41 @@ fn chown_if_needed(file: &File, path: &Path, uid: u32, gid: u32) -> Result<(), I
     std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(|e| InstallError::io(path, e))
 }
 
+/// Removes temp files an earlier run left behind when it was killed mid-write. Call before
+/// this process writes anything: every file with our prefix is then someone else's leftover.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(InstallError::io(dir, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| InstallError::io(dir, e))?.path();
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX) && n.ends_with(".tmp"));
+        if ours && remove_durably(&path)? {
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// Unique per process and call; the clock part keeps two containers that both run as PID 1
+/// from picking the same name.
 fn temp_path(dir: &Path) -> PathBuf {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{TEMP_PREFIX}{}-{n}.tmp", std::process::id()))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    dir.join(format!(
+        "{TEMP_PREFIX}{}-{nanos}-{n}.tmp",
+        std::process::id()
+    ))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -152,6 +183,22 @@ mod tests {
         let target = dir.path().join("missing-subdir").join("x.conflist");
         assert!(write_atomic(&target, b"new", FileMode::new(0o644)).is_err());
         assert!(!target.exists());
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".node-local-dns-1-0.tmp");
+        fs::write(&stale, "half").unwrap();
+        fs::write(dir.path().join("10-net.conflist"), "{}").unwrap();
+        fs::write(dir.path().join(".other.tmp"), "x").unwrap();
+        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), vec![stale]);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert!(
+            remove_stale_temp_files(&dir.path().join("missing"))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

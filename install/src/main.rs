@@ -12,7 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use node_local_dns_install::conflist::PluginEntry;
 use node_local_dns_install::watch::{self, InstallConfig, Wake};
-use node_local_dns_install::{confdir, plugin_binary};
+use node_local_dns_install::{atomic, confdir, plugin_binary};
 
 /// Installs the node-local-dns CNI plugin on this node and keeps its conflist entry in place.
 #[derive(Debug, Parser)]
@@ -184,6 +184,11 @@ fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
         debounce: args.debounce,
         retry: args.retry_interval,
     };
+    for dir in [&cfg.bin_dir, &cfg.conf_dir] {
+        for stale in atomic::remove_stale_temp_files(dir)? {
+            tracing::info!(path = %stale.display(), "removed a temp file left by an interrupted run");
+        }
+    }
     if args.once {
         let done = watch::reconcile(&cfg)?;
         watch::log_reconciled(&done);

@@ -291,3 +291,18 @@ fn cluster_dns_comes_from_kube_dns_svc_ip_and_flags_from_env() {
     );
     assert!(node.installed_plugin().is_file());
 }
+
+#[test]
+fn temp_files_of_an_interrupted_run_are_removed() {
+    let node = Node::new();
+    fs::write(node.conf("10-flannel.conflist"), example(FLANNEL)).unwrap();
+    fs::write(node.conf(".node-local-dns-1-123-0.tmp"), b"{\"half").unwrap();
+    fs::write(node.bin_dir.join(".node-local-dns-1-456-0.tmp"), b"\x7fELF").unwrap();
+    assert_ok(&node.install_once(&[]));
+    assert_eq!(node.conf_names(), vec!["10-flannel.conflist".to_string()]);
+    let bins: Vec<_> = fs::read_dir(&node.bin_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(bins, vec![std::ffi::OsString::from("node-local-dns")]);
+}

@@ -198,7 +198,7 @@ impl SimNode {
     /// Starts a pod in `namespace` whose resolv.conf points at the kube-dns ClusterIP.
     pub fn run_pod(&mut self, namespace: &str) -> Result<Pod, HarnessError> {
         let ns = self.node.cluster_ip();
-        self.runtime.run_pod(&self.fs, namespace, ns)
+        self.runtime.run_pod(namespace, ns)
     }
 
     /// Options for the next daemon instance: fresh metrics/health ports, so an old and a new

@@ -190,6 +190,7 @@ pub struct RuntimeHost {
     containerd: Option<Child>,
     dir: PathBuf,
     counter: u32,
+    ctl: PodCtl,
 }
 
 impl RuntimeHost {
@@ -209,6 +210,11 @@ impl RuntimeHost {
             runtime,
             network: String::new(),
             containerd: None,
+            ctl: PodCtl {
+                holder: fs_.holder_pid(),
+                netns: fs_.netns.clone(),
+                dir: dir.clone(),
+            },
             dir,
             counter: 0,
         };
@@ -261,32 +267,9 @@ impl RuntimeHost {
         Ok(())
     }
 
-    fn podman(&self, fs_: &NodeFs) -> Command {
-        let mut cmd = fs_.command("podman");
-        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .arg("--runroot")
-            .arg(self.dir.join("runroot"));
-        cmd
-    }
-
-    fn ctr(&self, fs_: &NodeFs) -> Command {
-        let mut cmd = fs_.command("ctr");
-        cmd.arg("-a")
-            .arg(self.dir.join("ctd.sock"))
-            .args(["-n", "nlde"]);
-        cmd
-    }
-
     /// Starts a pod in `namespace` with the runtime's CNI (the conflist in the conf dir) and
     /// the kubelet-style resolv.conf pointing at `nameserver`.
-    pub fn run_pod(
-        &mut self,
-        fs_: &NodeFs,
-        namespace: &str,
-        nameserver: IpAddr,
-    ) -> Result<Pod, HarnessError> {
+    pub fn run_pod(&mut self, namespace: &str, nameserver: IpAddr) -> Result<Pod, HarnessError> {
         self.counter += 1;
         let id = format!("nlde-{namespace}-{}", self.counter);
         let resolv = self.dir.join(format!("{id}.resolv.conf"));
@@ -300,11 +283,11 @@ impl RuntimeHost {
             runtime: self.runtime,
             fg: None,
             removed: false,
-            ctl: self.ctl(fs_),
+            ctl: self.ctl.clone(),
         };
         match self.runtime {
             Runtime::Podman => {
-                let mut cmd = self.podman(fs_);
+                let mut cmd = self.ctl.podman();
                 cmd.args(["run", "-d", "--name", &id, "--network", &self.network])
                     .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=512:512"])
                     .arg("-v")
@@ -313,7 +296,7 @@ impl RuntimeHost {
                     .arg(&rootfs)
                     .args(["/bin/sleep", "3600"]);
                 output_of(&mut cmd)?;
-                let mut inspect = self.podman(fs_);
+                let mut inspect = self.ctl.podman();
                 inspect.args(["inspect", "-f", "{{.State.Pid}}", &id]);
                 pod.pid = parse_pid(&output_of(&mut inspect)?)?;
             }
@@ -322,7 +305,8 @@ impl RuntimeHost {
                 let log = fs::File::create(self.dir.join(format!("{id}.log")))
                     .map_err(|e| HarnessError::Io("ctr log".into(), e))?;
                 let child = self
-                    .ctr(fs_)
+                    .ctl
+                    .ctr()
                     .args(["run", "--cni", "--rm"])
                     .arg("--mount")
                     .arg(format!(
@@ -342,16 +326,16 @@ impl RuntimeHost {
                         source,
                     })?;
                 pod.fg = Some(child);
-                pod.pid = self.wait_ctr_task(fs_, &id, &mut pod)?;
+                pod.pid = self.wait_ctr_task(&id, &mut pod)?;
             }
         }
         Ok(pod)
     }
 
-    fn wait_ctr_task(&self, fs_: &NodeFs, id: &str, pod: &mut Pod) -> Result<i32, HarnessError> {
+    fn wait_ctr_task(&self, id: &str, pod: &mut Pod) -> Result<i32, HarnessError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let out = output_of(self.ctr(fs_).args(["task", "ls"]))?;
+            let out = output_of(self.ctl.ctr().args(["task", "ls"]))?;
             let running = out
                 .lines()
                 .find(|l| l.split_whitespace().next() == Some(id))
@@ -376,18 +360,28 @@ impl RuntimeHost {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-
-    fn ctl(&self, fs_: &NodeFs) -> PodCtl {
-        PodCtl {
-            holder: fs_.holder_pid(),
-            netns: fs_.netns.clone(),
-            dir: self.dir.clone(),
-        }
-    }
 }
 
 impl Drop for RuntimeHost {
+    /// Removes whatever containers a failed test left behind, then stops containerd, so no
+    /// container process outlives the node's mount namespace.
     fn drop(&mut self) {
+        match self.runtime {
+            Runtime::Podman => {
+                let mut rm = self.ctl.podman();
+                rm.args(["rm", "-a", "-f", "-t", "0"]);
+                let _ = output_of(&mut rm);
+            }
+            Runtime::Containerd => {
+                let mut ls = self.ctl.ctr();
+                ls.args(["task", "ls", "-q"]);
+                for id in output_of(&mut ls).unwrap_or_default().lines() {
+                    let mut kill = self.ctl.ctr();
+                    kill.args(["task", "kill", "-s", "KILL", id]);
+                    let _ = output_of(&mut kill);
+                }
+            }
+        }
         if let Some(mut child) = self.containerd.take() {
             kill_child(&mut child);
         }
@@ -418,6 +412,24 @@ struct PodCtl {
 }
 
 impl PodCtl {
+    fn podman(&self) -> Command {
+        let mut cmd = self.command("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"));
+        cmd
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = self.command("ctr");
+        cmd.arg("-a")
+            .arg(self.dir.join("ctd.sock"))
+            .args(["-n", "nlde"]);
+        cmd
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t")
@@ -495,20 +507,13 @@ impl Pod {
         self.removed = true;
         match self.runtime {
             Runtime::Podman => {
-                let mut base = self.ctl.command("podman");
-                base.env("CONTAINERS_CONF", self.ctl.dir.join("containers.conf"))
-                    .arg("--root")
-                    .arg(self.ctl.dir.join("root"))
-                    .arg("--runroot")
-                    .arg(self.ctl.dir.join("runroot"))
-                    .args(["rm", "-f", "-t", "0", &self.id]);
-                output_of(&mut base).map(|_| ())
+                let mut rm = self.ctl.podman();
+                rm.args(["rm", "-f", "-t", "0", &self.id]);
+                output_of(&mut rm).map(|_| ())
             }
             Runtime::Containerd => {
-                let mut kill = self.ctl.command("ctr");
-                kill.arg("-a")
-                    .arg(self.ctl.dir.join("ctd.sock"))
-                    .args(["-n", "nlde", "task", "kill", "-s", "KILL", &self.id]);
+                let mut kill = self.ctl.ctr();
+                kill.args(["task", "kill", "-s", "KILL", &self.id]);
                 let killed = output_of(&mut kill).map(|_| ());
                 // ctr (foreground, --rm) now runs CNI DEL and removes the container, then exits.
                 if let Some(mut child) = self.fg.take() {

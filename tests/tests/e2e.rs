@@ -159,7 +159,7 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
         describe(&report)
     );
     assert!(
-        report.rate() >= 450.0,
+        report.sent >= 500 * 4,
         "load generator kept ≥ 500 q/s: {}",
         describe(&report)
     );
@@ -237,7 +237,7 @@ fn rolling_restart_under_load(backend: Backend) {
         describe(&report)
     );
     assert_eq!(code, Some(0), "SIGTERM is a clean exit");
-    assert!(report.rate() >= 450.0, "{}", describe(&report));
+    assert!(report.sent >= 500 * 5, "{}", describe(&report));
     assert!(
         report.failed() <= 1,
         "lost at most one query over the rolling restart: {}\nnew instance:\n{}",

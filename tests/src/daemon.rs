@@ -64,17 +64,23 @@ impl Daemon {
         }
         let logf = fs::File::create(&log).map_err(|e| HarnessError::Io(format!("{log:?}"), e))?;
         let cluster_dns: Vec<String> = opts.cluster_dns.iter().map(ToString::to_string).collect();
+        // The env of install/daemonset.yaml + configmap.yaml; ports differ per instance so
+        // two can overlap, and the sync interval is shortened to keep the tests quick.
         let mut cmd = fs_.command(&bin.to_string_lossy());
         cmd.env("KUBE_DNS_SVC_IP", cluster_dns.join(","))
             .env("NO_COLOR", "1")
             .env("NODE_IP", opts.node_ip.to_string())
+            .env("NODE_LOCAL_DNS_LOCAL_IP", crate::node::LOCAL_IP)
+            .env("NODE_LOCAL_DNS_CLUSTER_DOMAIN", "cluster.local")
+            .env("NODE_LOCAL_DNS_IPTABLES_BACKEND", "auto")
+            .env("NODE_LOCAL_DNS_SOCKET_MATCH", "safe")
+            .env("NODE_LOCAL_DNS_METRICS_LISTEN", opts.metrics.to_string())
+            .env("NODE_LOCAL_DNS_HEALTH_LISTEN", opts.health.to_string())
+            .env(
+                "NODE_LOCAL_DNS_SYNC_INTERVAL",
+                format!("{}s", opts.sync_interval_secs),
+            )
             .env("RUST_LOG", "info")
-            .arg("--metrics-listen")
-            .arg(opts.metrics.to_string())
-            .arg("--health-listen")
-            .arg(opts.health.to_string())
-            .arg("--sync-interval")
-            .arg(format!("{}s", opts.sync_interval_secs))
             .args(&opts.extra_args)
             .stdin(Stdio::null())
             .stdout(

@@ -209,8 +209,9 @@ impl SimNode {
             node::NODE_IP.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         );
         let n = self.daemon_count as u16;
-        o.metrics = SocketAddr::from(([127, 0, 0, 1], 9253 + n));
-        o.health = SocketAddr::from(([127, 0, 0, 1], 8080 + n));
+        // As the DaemonSet: metrics on $(NODE_IP):9253, health on 127.0.0.1:9254.
+        o.metrics = SocketAddr::new(o.node_ip, 9253 + 2 * n);
+        o.health = SocketAddr::from(([127, 0, 0, 1], 9254 + 2 * n));
         o
     }
 

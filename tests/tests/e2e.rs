@@ -255,6 +255,37 @@ fn rolling_restart_under_load(backend: Backend) {
     );
 }
 
+/// Test 4, the manifest's default strategy (maxUnavailable 1, no surge): the old instance
+/// gets SIGTERM first, the new one starts after it exited; queries in between fall back.
+fn replace_restart_under_load(backend: Backend) {
+    let _g = lock();
+    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    query(&pod, cluster_dns(), API, TYPE_A).expect("warm");
+    let run = spawn_load(
+        pod.netns(),
+        load(cluster_dns(), API, "10.100.0.3", 4, PortMode::Fresh),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let code = sim.daemons[0]
+        .terminate(Duration::from_secs(10))
+        .expect("old instance exits on SIGTERM");
+    let opts = sim.daemon_options();
+    sim.start_daemon(opts).expect("new instance starts");
+    let report = run.join().unwrap().expect("load ran");
+    eprintln!(
+        "[{}] stop-then-start restart: old exit {code:?}; {}",
+        backend.name(),
+        describe(&report)
+    );
+    assert_eq!(code, Some(0), "SIGTERM is a clean exit");
+    assert!(report.sent >= 500 * 4, "{}", describe(&report));
+    assert!(
+        report.failed() <= 1,
+        "lost at most one query: {}",
+        describe(&report)
+    );
+}
+
 /// Test 5: the raw table is flushed: the daemon's sync restores the rules within its sync
 /// interval; with the daemon gone, the next pod ADD restores them.
 fn raw_table_flush_restored(backend: Backend) {
@@ -481,7 +512,8 @@ both_backends! {
     t1_lookups_served_by_cache => lookups_served_by_cache;
     t2_t3_kill9_and_restart_fresh_ports => |b| kill_and_restart_under_load(b, PortMode::Fresh);
     t3_restart_with_reused_source_ports => |b| kill_and_restart_under_load(b, PortMode::Reused);
-    t4_rolling_restart => rolling_restart_under_load;
+    t4_rolling_restart_surge => rolling_restart_under_load;
+    t4_rolling_restart_stop_then_start => replace_restart_under_load;
     t5_raw_flush_restored => raw_table_flush_restored;
     t6_wildcard_listener_does_not_capture => wildcard_listener_does_not_capture;
     t7_cluster_dns_down_serves_stale => cluster_dns_down_serves_stale;

@@ -49,11 +49,16 @@ pub fn write_atomic(target: &Path, contents: &[u8], mode: FileMode) -> Result<()
     result
 }
 
-/// Writes a complete temp file beside `target` and returns its path; the caller checks it and
-/// then calls [`commit`]. Used for the plugin binary, which is proven before it replaces one.
-pub fn stage(target: &Path, contents: &[u8], mode: FileMode) -> Result<PathBuf, InstallError> {
+/// Copies `source` (streamed: plugin binaries can be large) into a complete temp file beside
+/// `target` and returns its path; the caller checks it and then calls [`commit`]. Used for the
+/// plugin binary, which is proven before it replaces one.
+pub fn stage_copy(source: &Path, target: &Path, mode: FileMode) -> Result<PathBuf, InstallError> {
     let temp = temp_path(parent_dir(target));
-    match write_temp(&temp, contents, mode) {
+    let mut from = File::open(source).map_err(|e| InstallError::io(source, e))?;
+    let written = write_temp_with(&temp, mode, |file| {
+        std::io::copy(&mut from, file).map(|_| ())
+    });
+    match written {
         Ok(()) => Ok(temp),
         Err(e) => {
             let _ = fs::remove_file(&temp);
@@ -78,6 +83,14 @@ pub fn remove_durably(path: &Path) -> Result<bool, InstallError> {
 }
 
 fn write_temp(temp: &Path, contents: &[u8], mode: FileMode) -> Result<(), InstallError> {
+    write_temp_with(temp, mode, |file| file.write_all(contents))
+}
+
+fn write_temp_with(
+    temp: &Path,
+    mode: FileMode,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), InstallError> {
     let io = |e| InstallError::io(temp, e);
     let mut file = OpenOptions::new()
         .write(true)
@@ -85,7 +98,7 @@ fn write_temp(temp: &Path, contents: &[u8], mode: FileMode) -> Result<(), Instal
         .mode(mode.mode)
         .open(temp)
         .map_err(io)?;
-    file.write_all(contents).map_err(io)?;
+    fill(&mut file).map_err(io)?;
     // The umask may have cleared bits at create time; set the exact mode.
     file.set_permissions(fs::Permissions::from_mode(mode.mode))
         .map_err(io)?;

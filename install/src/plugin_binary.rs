@@ -34,11 +34,10 @@ pub fn installed_path(bin_dir: &Path) -> PathBuf {
 /// A source that fails the probe never replaces the installed binary.
 pub fn ensure_binary(source: &Path, bin_dir: &Path) -> Result<BinaryOutcome, InstallError> {
     let target = installed_path(bin_dir);
-    let wanted = fs::read(source).map_err(|e| InstallError::io(source, e))?;
-    let replaced = if fs::read(&target).ok().as_deref() == Some(wanted.as_slice()) {
+    let replaced = if same_contents(source, &target)? {
         false
     } else {
-        install_new(&wanted, &target)?;
+        install_new(source, &target)?;
         true
     };
     let supported_versions = probe_version(&target)?;
@@ -54,10 +53,49 @@ pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
     atomic::remove_durably(&installed_path(bin_dir))
 }
 
-fn install_new(contents: &[u8], target: &Path) -> Result<(), InstallError> {
+/// Compares in chunks so memory stays flat whatever the binary's size. A missing or unreadable
+/// target simply differs.
+fn same_contents(source: &Path, target: &Path) -> Result<bool, InstallError> {
+    let open_source = || fs::File::open(source).map_err(|e| InstallError::io(source, e));
+    let (Ok(target_meta), Ok(mut installed)) = (fs::metadata(target), fs::File::open(target))
+    else {
+        open_source()?;
+        return Ok(false);
+    };
+    let source_meta = fs::metadata(source).map_err(|e| InstallError::io(source, e))?;
+    if source_meta.len() != target_meta.len() {
+        return Ok(false);
+    }
+    let mut wanted = open_source()?;
+    let (mut a, mut b) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut wanted, &mut a).map_err(|e| InstallError::io(source, e))?;
+        let m = read_full(&mut installed, &mut b).map_err(|e| InstallError::io(target, e))?;
+        if n != m || a[..n] != b[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Fills `buf` unless the file ends first; returns the bytes read.
+fn read_full(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+fn install_new(source: &Path, target: &Path) -> Result<(), InstallError> {
     fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))
         .map_err(|e| InstallError::io(target, e))?;
-    let staged = atomic::stage(target, contents, FileMode::new(0o755))?;
+    let staged = atomic::stage_copy(source, target, FileMode::new(0o755))?;
     let proven = probe_version(&staged).and_then(|_| atomic::commit(&staged, target));
     if proven.is_err() {
         let _ = fs::remove_file(&staged);
@@ -134,6 +172,25 @@ fn parse_supported_versions(stdout: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contents_compare_across_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&a, &big).unwrap();
+        assert!(!same_contents(&a, &b).unwrap(), "missing target differs");
+        fs::write(&b, &big).unwrap();
+        assert!(same_contents(&a, &b).unwrap());
+        let mut changed = big.clone();
+        changed[150_000] ^= 1;
+        fs::write(&b, &changed).unwrap();
+        assert!(!same_contents(&a, &b).unwrap());
+        assert!(
+            same_contents(&dir.path().join("missing"), &b).is_err(),
+            "missing source is an error"
+        );
+    }
 
     #[test]
     fn version_output_is_parsed() {

@@ -331,6 +331,34 @@ fn alert_rules_pass_promtool_and_cover_the_issue() {
     }
 }
 
+#[test]
+fn alerts_fire_for_the_node_in_trouble_in_promtool_unit_tests() {
+    // dashboards/alerts.test.yaml reads `rules.json` from its own directory.
+    let tmp = tempfile::tempdir().unwrap();
+    write_rule_file(tmp.path()).unwrap();
+    let tests = tmp.path().join("alerts.test.yaml");
+    std::fs::copy(repo_root().join("dashboards/alerts.test.yaml"), &tests).unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&tests)
+        .output()
+        .expect("run promtool (apt install prometheus)");
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every alert of the PrometheusRule has at least one case.
+    let text = std::fs::read_to_string(&tests).unwrap();
+    for (name, _) in alert_rules().unwrap() {
+        assert!(
+            text.contains(&format!("alertname: {name}\n")),
+            "no promtool case for {name}"
+        );
+    }
+}
+
 /// The PodMonitor's relabelings in Prometheus' own spelling (sourceLabels → source_labels).
 fn prometheus_relabel_configs(podmonitor: &Value) -> Result<Vec<Value>> {
     let relabelings = podmonitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
@@ -1015,5 +1043,76 @@ fn evaluate_everything(dir: &Path) -> Result<()> {
         let empty = panels_without_series(&queries)?;
         ensure!(empty.is_empty(), "no series:\n{}", empty.join("\n"));
         Ok(())
-    })
+    })?;
+    check_panels_show_what_happened(&queries)
+}
+
+/// Values of `label` across the series of every panel titled `title`.
+fn panel_labels(
+    queries: &[(String, String)],
+    title: &str,
+    label: &str,
+) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for (_, expr) in queries.iter().filter(|q| q.0 == title) {
+        for series in range(expr)? {
+            if let Some(v) = series["metric"][label].as_str() {
+                out.insert(v.to_string());
+            }
+        }
+    }
+    ensure!(
+        queries.iter().any(|q| q.0 == title),
+        "no panel titled {title:?}"
+    );
+    Ok(out)
+}
+
+/// The panels show the traffic and events this test caused, under the labels they display.
+fn check_panels_show_what_happened(queries: &[(String, String)]) -> Result<()> {
+    let has = |title: &str, label: &str, want: &[&str]| -> Result<()> {
+        let got = panel_labels(queries, title, label)?;
+        for w in want {
+            ensure!(
+                got.contains(*w),
+                "panel {title:?}: no {label}={w} in {got:?}"
+            );
+        }
+        Ok(())
+    };
+    has("Responses by rcode", "rcode", &["NOERROR", "NXDOMAIN"])?;
+    has("Requests by qtype", "type", &["A", "AAAA"])?;
+    has("UDP / TCP requests", "proto", &["udp", "tcp"])?;
+    has("Node setup errors", "errortype", &["lock"])?;
+    has("CNI operations", "command", &["ADD"])?;
+    let failures = |to: &str| panel_max(queries, "Forward health-check failures", ("to", to));
+    ensure!(
+        failures(DEAD_UPSTREAM)? > 0.0,
+        "dead upstream shows no failures"
+    );
+    ensure!(failures(UPSTREAM)? == 0.0, "live upstream shows failures");
+    // Repeated hits on a few names: the hit-rate panel must show hits at some point.
+    let best = panel_max(queries, "Cache hit rate by node", ("node", NODE_NAME))?;
+    ensure!(best > 0.5, "cache hit rate never above 50%: {best}");
+    Ok(())
+}
+
+/// Highest value over the last minute of the series with `label` = value of the panel
+/// titled `title` (0 when it has no such series).
+fn panel_max(
+    queries: &[(String, String)],
+    title: &str,
+    (label, value): (&str, &str),
+) -> Result<f64> {
+    let (_, expr) = queries
+        .iter()
+        .find(|q| q.0 == title)
+        .with_context(|| format!("no panel titled {title:?}"))?;
+    Ok(range(expr)?
+        .iter()
+        .filter(|s| s["metric"][label] == value)
+        .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v[1].as_str().and_then(|x| x.parse::<f64>().ok()))
+        .filter(|v| !v.is_nan())
+        .fold(0.0f64, f64::max))
 }

@@ -99,19 +99,23 @@ pub fn run(cfg: &InstallConfig, wake: &Receiver<Wake>) {
     }
 }
 
+/// A busy conf dir (events without pause) delays a round by at most this many debounce periods.
+const MAX_DEBOUNCE_PERIODS: u32 = 10;
+
 /// Waits up to `timeout` for a change; after a change, waits until `debounce` passes without
-/// another one. A stop request wins at any point.
+/// another one (or `MAX_DEBOUNCE_PERIODS` of them in all). A stop request wins at any point.
 fn wait_for_next_round(wake: &Receiver<Wake>, timeout: Duration, debounce: Duration) -> Wake {
     match wake.recv_timeout(timeout) {
         Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
         Ok(Wake::ConfDirChanged) => {}
         Err(RecvTimeoutError::Timeout) => return Wake::ConfDirChanged,
     }
+    let give_up = Instant::now() + debounce * MAX_DEBOUNCE_PERIODS;
     let mut quiet_until = Instant::now() + debounce;
     loop {
         match wake.recv_timeout(quiet_until.saturating_duration_since(Instant::now())) {
             Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
-            Ok(Wake::ConfDirChanged) => quiet_until = Instant::now() + debounce,
+            Ok(Wake::ConfDirChanged) => quiet_until = (Instant::now() + debounce).min(give_up),
             Err(RecvTimeoutError::Timeout) => return Wake::ConfDirChanged,
         }
     }
@@ -182,6 +186,25 @@ mod tests {
             wait_for_next_round(&rx, Duration::from_secs(60), Duration::from_secs(60)),
             Wake::Stop
         );
+    }
+
+    #[test]
+    fn endless_events_still_lead_to_a_round() {
+        let (tx, rx) = channel();
+        tx.send(Wake::ConfDirChanged).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let noisy = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = tx.send(Wake::ConfDirChanged);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        // Without the cap this would never return: events come faster than the debounce.
+        let round = wait_for_next_round(&rx, Duration::from_secs(60), Duration::from_millis(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        noisy.join().unwrap();
+        assert_eq!(round, Wake::ConfDirChanged);
     }
 
     #[test]

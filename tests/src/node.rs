@@ -248,12 +248,25 @@ impl Node {
         iptables::iptables(&self.ns, self.opts.backend, v6, &["-t", "raw", "-F"]).map(|_| ())
     }
 
-    /// Conntrack entries in the node namespace for `dst` port 53 (`conntrack -L`).
-    pub fn conntrack_dns(&self, dst: &str) -> Result<Vec<String>, HarnessError> {
-        let out = self.ns.exec(
-            "conntrack",
-            &["-L", "-d", dst, "-p", "udp", "--dport", "53"],
-        );
-        Ok(out?.lines().map(str::to_string).collect())
+    /// Conntrack entries in the node namespace for UDP from `src` to `dst`:53 (`conntrack -L`).
+    pub fn conntrack_dns(&self, src: IpAddr, dst: IpAddr) -> Result<Vec<String>, HarnessError> {
+        let (src, dst) = (src.to_string(), dst.to_string());
+        let args = [
+            "-L",
+            "-p",
+            "udp",
+            "--orig-src",
+            &src,
+            "--orig-dst",
+            &dst,
+            "--orig-port-dst",
+            "53",
+        ];
+        let out = self.ns.exec("conntrack", &args)?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("udp"))
+            .map(str::to_string)
+            .collect())
     }
 }

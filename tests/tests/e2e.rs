@@ -169,6 +169,17 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
         describe(&report)
     );
     assert_eq!(report.refused + report.wrong, 0, "{}", describe(&report));
+    let pod_ip = pod
+        .ips()
+        .unwrap()
+        .into_iter()
+        .find(IpAddr::is_ipv4)
+        .unwrap();
+    let tracked = sim.node.conntrack_dns(pod_ip, ip("10.96.0.10")).unwrap();
+    assert!(
+        !tracked.is_empty(),
+        "the fallback path is conntracked (DNAT entries exist)"
+    );
     assert!(
         via_dnat >= 500,
         "after the kill the queries went through kube-proxy's DNAT: {via_dnat}"

@@ -55,8 +55,7 @@ fn broken_plugin_never_replaces_the_installed_one_and_conflist_is_not_touched() 
     fs::write(&conf, example(FLANNEL)).unwrap();
     fs::write(node.installed_plugin(), b"previous").unwrap();
     let broken = node.root.path().join("broken");
-    fs::write(&broken, "#!/bin/sh\necho not-json\n").unwrap();
-    fs::set_permissions(&broken, fs::Permissions::from_mode(0o755)).unwrap();
+    write_script(&broken, "#!/bin/sh\necho not-json\n");
 
     let mut broken_node = Node::new();
     broken_node.plugin = broken;

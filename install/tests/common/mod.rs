@@ -118,18 +118,37 @@ impl Node {
 /// VERSION; otherwise a stand-in script that answers VERSION like the real one.
 pub fn plugin_binary(dir: &Path) -> PathBuf {
     let real = Path::new(INSTALLER).with_file_name("node-local-dns");
-    if real.is_file() && answers_version(&real) {
+    // NLDI_STAND_IN_PLUGIN=1 forces the stand-in (to test without the plugin crate built).
+    let forced = std::env::var_os("NLDI_STAND_IN_PLUGIN").is_some();
+    if !forced && real.is_file() && answers_version(&real) {
         return real;
     }
     let stand_in = dir.join("node-local-dns-stand-in");
-    fs::write(
+    write_script(
         &stand_in,
         "#!/bin/sh\n[ \"$CNI_COMMAND\" = VERSION ] || exit 1\n\
          echo '{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"0.3.0\",\"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]}'\n",
-    )
-    .unwrap();
-    fs::set_permissions(&stand_in, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     stand_in
+}
+
+/// Writes an executable script from a child process: a write fd held by this (multi-threaded)
+/// test process could leak into a concurrent test's fork and make exec fail with ETXTBSY.
+pub fn write_script(path: &Path, content: &str) {
+    use std::io::Write;
+    let mut child = Command::new("sh")
+        .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(content.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 }
 
 pub fn answers_version(path: &Path) -> bool {

@@ -228,7 +228,7 @@ fn observe(
     links: &dyn Links,
     table: &dyn RuleTable,
 ) -> Result<Observed, SetupError> {
-    let net = links.dump()?;
+    let net = links.dump(&desired.interface)?;
     let mut rules = Vec::new();
     for family in desired.rule_families() {
         let (diff, saved) = rules::observe_family(table, desired, family)?;
@@ -284,7 +284,7 @@ fn repair_links(
         if let Some(kind) = links::create_link(links, &desired.interface)? {
             changes.push(format!("created interface {} ({kind})", desired.interface));
         }
-        net = links.dump()?;
+        net = links.dump(&desired.interface)?;
     }
     let index = net
         .link(&desired.interface)
@@ -302,7 +302,7 @@ fn repair_links(
         ));
     }
     if !absent.is_empty() {
-        net = links.dump()?;
+        net = links.dump(&desired.interface)?;
     }
     Ok(net)
 }
@@ -353,7 +353,7 @@ fn teardown_with(
     for family in families {
         rules::remove_ours(table, family)?;
     }
-    if let Some(link) = links.dump()?.link(&cfg.interface) {
+    if let Some(link) = links.dump(&cfg.interface)?.link(&cfg.interface) {
         links.delete_link(link.index)?;
     }
     Ok(())

@@ -56,7 +56,9 @@ pub enum AddLinkError {
 pub const LINK_KINDS: [&str; 2] = ["dummy", "bridge"];
 
 pub trait Links {
-    fn dump(&self) -> Result<NetState, SetupError>;
+    /// The link called `name` (if any) and every address of the namespace. Only one link is
+    /// fetched: a node with hundreds of pod veths would make a full link dump the slow part.
+    fn dump(&self, name: &str) -> Result<NetState, SetupError>;
     fn add_link(&self, name: &str, kind: &str) -> Result<(), AddLinkError>;
     /// Adds `addr` with IFA_F_NODAD; "already exists" is success.
     fn add_address(&self, index: u32, addr: Address) -> Result<(), SetupError>;
@@ -175,16 +177,22 @@ fn address_from_message(msg: &AddressMessage) -> Option<(u32, IpAddr)> {
 }
 
 impl Links for Netlink {
-    fn dump(&self) -> Result<NetState, SetupError> {
+    fn dump(&self, name: &str) -> Result<NetState, SetupError> {
         let handle = self.handle.clone();
+        let name = name.to_string();
         self.rt.block_on(async move {
-            let links: Vec<LinkMessage> = handle
+            let links: Vec<LinkMessage> = match handle
                 .link()
                 .get()
+                .match_name(name.clone())
                 .execute()
                 .try_collect()
                 .await
-                .map_err(|e| SetupError::Netlink(format!("link dump: {e}")))?;
+            {
+                Ok(links) => links,
+                Err(e) if errno(&e) == Some(libc::ENODEV) => Vec::new(),
+                Err(e) => return Err(SetupError::Netlink(format!("get link {name}: {e}"))),
+            };
             let addrs: Vec<AddressMessage> =
                 handle
                     .address()

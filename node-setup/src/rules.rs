@@ -74,7 +74,17 @@ pub fn resolve_backend(requested: IptablesBackend) -> Result<Backend, SetupError
 
 /// kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY and kube-proxy's KUBE-PROXY-CANARY live in
 /// the small mangle table, so it is read first; the (large) nat table only breaks a 0:0 tie.
+///
+/// Fast path: when this namespace has no legacy mangle or nat table loaded (the kernel lists
+/// loaded legacy tables per namespace), legacy cannot have more KUBE- chains than nft, so the
+/// answer is nft without running any command.
 fn detect_backend() -> Result<Backend, SetupError> {
+    // thread-self: the namespace of this thread, which may differ from the process's.
+    let loaded =
+        std::fs::read_to_string("/proc/thread-self/net/ip_tables_names").unwrap_or_default();
+    if !legacy_may_have_kube_chains(&loaded) {
+        return Ok(Backend::Nft);
+    }
     for table in ["mangle", "nat"] {
         let legacy = count_kube_chains(&run_save(Backend::Legacy, Family::V4, table)?);
         let nft = count_kube_chains(&run_save(Backend::Nft, Family::V4, table)?);
@@ -83,6 +93,14 @@ fn detect_backend() -> Result<Backend, SetupError> {
         }
     }
     Ok(Backend::Nft)
+}
+
+/// Whether the legacy tables kube-proxy and kubelet write to are loaded, from the contents
+/// of /proc/net/ip_tables_names.
+pub fn legacy_may_have_kube_chains(loaded_tables: &str) -> bool {
+    loaded_tables
+        .lines()
+        .any(|t| matches!(t.trim(), "mangle" | "nat"))
 }
 
 fn run_save(backend: Backend, family: Family, table: &str) -> Result<String, SetupError> {

@@ -41,8 +41,10 @@ impl FakeLinks {
 }
 
 impl Links for FakeLinks {
-    fn dump(&self) -> Result<NetState, SetupError> {
-        Ok(self.state.borrow().clone())
+    fn dump(&self, name: &str) -> Result<NetState, SetupError> {
+        let mut st = self.state.borrow().clone();
+        st.links.retain(|l| l.name == name);
+        Ok(st)
     }
     fn add_link(&self, name: &str, kind: &str) -> Result<(), AddLinkError> {
         if kind == "dummy" && !self.has_dummy {
@@ -364,6 +366,11 @@ fn backend_heuristic_prefers_more_kube_chains_and_nft_on_tie() {
     assert_eq!(pick_backend(2, 0), Backend::Legacy);
     assert_eq!(pick_backend(0, 2), Backend::Nft);
     assert_eq!(pick_backend(3, 3), Backend::Nft);
+    use crate::rules::legacy_may_have_kube_chains;
+    assert!(!legacy_may_have_kube_chains(""));
+    assert!(!legacy_may_have_kube_chains("raw\nfilter\n"));
+    assert!(legacy_may_have_kube_chains("raw\nmangle\n"));
+    assert!(legacy_may_have_kube_chains("nat\n"));
 }
 
 #[test]

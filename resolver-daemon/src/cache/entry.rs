@@ -1,7 +1,8 @@
 //! Cache entries: an upstream reply stored in wire format plus the offsets of its TTL fields.
 //!
-//! Insert walks the reply's records once and normalises it (OPT last and option-free,
-//! records after the OPT dropped) so that a hit is a memcpy and a few in-place patches.
+//! Insert walks the reply's records once and stores it without its OPT record (and without
+//! any records after the OPT), so that a hit is a memcpy, a few in-place patches and, for
+//! EDNS clients, a fresh 11-byte OPT record carrying the client's DO bit.
 
 use super::{CacheConfig, EntryKind};
 use crate::wire::{
@@ -10,7 +11,7 @@ use crate::wire::{
 };
 use std::time::{Duration, Instant};
 
-/// Length of the normalised OPT record we store (root name, fixed fields, no options).
+/// Length of the OPT record written to EDNS clients (root name, fixed fields, no options).
 const OPT_LEN: usize = 11;
 
 /// An upstream reply checked for cacheability and normalised for storage.
@@ -21,7 +22,6 @@ pub(super) struct PreparedEntry {
     pub min_ttl: u32,
     wire: Vec<u8>,
     ttl_offsets: Vec<u16>,
-    has_opt: bool,
     question_end: usize,
 }
 
@@ -32,7 +32,7 @@ struct RecordWalk {
     min_ttl: Option<u32>,
     negative_ttl: Option<u32>,
     /// Where the OPT record starts and the extended rcode bits it carries.
-    opt: Option<(usize, u8, bool)>,
+    opt: Option<(usize, u8)>,
     end: usize,
 }
 
@@ -46,7 +46,7 @@ impl PreparedEntry {
         check_header(&header)?;
         let question_end = check_question(q, response)?;
         let walk = walk_records(response, &header, question_end)?;
-        let (ext_rcode, dnssec_ok) = walk.opt.map_or((0, false), |(_, ext, d)| (ext, d));
+        let ext_rcode = walk.opt.map_or(0, |(_, ext)| ext);
         let full_rcode = (u16::from(ext_rcode) << 4) | (header.flags & flag::RCODE_MASK);
         let kind = classify(full_rcode, header.ancount)?;
         let min_ttl = match kind {
@@ -56,13 +56,12 @@ impl PreparedEntry {
                 walk.min_ttl.map_or(soa, |ttl| ttl.min(soa))
             }
         };
-        let (wire, has_opt) = normalised_wire(response, &walk, dnssec_ok);
+        let wire = wire_without_opt(response, &walk);
         Ok(Self {
             kind,
             min_ttl,
             wire,
             ttl_offsets: walk.ttl_offsets,
-            has_opt,
             question_end,
         })
     }
@@ -111,7 +110,7 @@ fn classify(full_rcode: u16, ancount: u16) -> Result<EntryKind, &'static str> {
 
 /// Walks answer, authority and additional records once, noting TTL offsets, the smallest
 /// TTL, the SOA-derived negative TTL and the OPT record. Records after the OPT are left out
-/// (additional data is optional), which keeps the OPT last so it can be stripped by length.
+/// (additional data is optional): nothing before the OPT can point into them.
 fn walk_records(
     response: &[u8],
     header: &Header,
@@ -133,8 +132,7 @@ fn walk_records(
                 if walk.opt.is_some() {
                     return Err("more than one OPT record");
                 }
-                let dnssec_ok = rr.ttl & 0x8000 != 0;
-                walk.opt = Some((rr.name_start, (rr.ttl >> 24) as u8, dnssec_ok));
+                walk.opt = Some((rr.name_start, (rr.ttl >> 24) as u8));
                 return Ok(walk);
             }
             let ttl_at = u16::try_from(rr.ttl_at()).map_err(|_| "record offset too large")?;
@@ -162,29 +160,21 @@ fn soa_minimum(response: &[u8], rdata_start: usize, rdata_end: usize) -> Result<
     Ok(be32(response, after_rname + 16))
 }
 
-/// The bytes to store: the reply up to its last kept record, with the OPT (if any)
-/// rewritten as a bare OPT (version 0, our UDP size, DO kept, no options: cookies and
-/// padding were meant for the forwarder, not for every client that will read this entry).
-fn normalised_wire(response: &[u8], walk: &RecordWalk, dnssec_ok: bool) -> (Vec<u8>, bool) {
-    let (body_end, has_opt) = match walk.opt {
-        Some((start, _, _)) => (start, true),
-        None => (walk.end, false),
-    };
-    let mut wire = Vec::with_capacity(body_end + OPT_LEN);
-    wire.extend_from_slice(&response[..body_end]);
+/// The bytes to store: the reply up to its last record before the OPT. The OPT itself is
+/// per client (its DO bit, its presence), and the upstream's options (cookies, padding) were
+/// meant for the forwarder, not for every client that will read this entry.
+fn wire_without_opt(response: &[u8], walk: &RecordWalk) -> Vec<u8> {
+    let body_end = walk.opt.map_or(walk.end, |(start, _)| start);
+    let mut wire = response[..body_end].to_vec();
     let kept_records = walk.ttl_offsets.len() as u16;
     let header = Header::read(response).map_or([0; 3], |h| [h.ancount, h.nscount, h.arcount]);
     // The walk stops at the OPT, so sections past it may be partly kept: recount them.
     let answers = header[0].min(kept_records);
     let authority = header[1].min(kept_records - answers);
-    let additional = kept_records - answers - authority + u16::from(has_opt);
     put16(&mut wire, 6, answers);
     put16(&mut wire, 8, authority);
-    put16(&mut wire, 10, additional);
-    if has_opt {
-        wire::write_opt_record(&mut wire, 0, dnssec_ok);
-    }
-    (wire, has_opt)
+    put16(&mut wire, 10, kept_records - answers - authority);
+    wire
 }
 
 /// How answer TTLs are rewritten on the way out.
@@ -203,7 +193,6 @@ pub(super) struct Entry {
     wire: Box<[u8]>,
     ttl_offsets: Box<[u16]>,
     question_end: u16,
-    has_opt: bool,
     kind: EntryKind,
     /// Clamped TTL in seconds, counted from `stored`.
     ttl: u32,
@@ -225,7 +214,6 @@ impl Entry {
             ttl_offsets: prepared.ttl_offsets.into_boxed_slice(),
             // Fits: the reply is at most 65535 bytes (checked in from_response).
             question_end: prepared.question_end as u16,
-            has_opt: prepared.has_opt,
             kind: prepared.kind,
             ttl,
             stored: now,
@@ -296,34 +284,31 @@ impl Entry {
         out: &mut Vec<u8>,
         limit: usize,
     ) {
-        let keep_opt = self.has_opt && q.edns.is_some();
-        let opt_start = self.wire.len() - if self.has_opt { OPT_LEN } else { 0 };
-        let full_len = if keep_opt { self.wire.len() } else { opt_start };
+        let opt_len = if q.edns.is_some() { OPT_LEN } else { 0 };
         out.clear();
-        if full_len <= limit {
-            out.extend_from_slice(&self.wire[..full_len]);
-            if self.has_opt && !keep_opt {
-                let additional = be16(out, 10) - 1;
-                put16(out, 10, additional);
-            }
+        if self.wire.len() + opt_len <= limit {
+            out.extend_from_slice(&self.wire);
             self.rewrite_ttls(out, ttls);
         } else {
-            self.write_truncated(out, keep_opt, opt_start);
+            self.write_truncated(out);
+        }
+        if q.edns.is_some() {
+            // Only NOERROR and NXDOMAIN are cached: no extended rcode bits to carry.
+            wire::write_opt_record(out, 0, q.dnssec_ok());
+            let additional = be16(out, 10).wrapping_add(1);
+            put16(out, 10, additional);
         }
         self.patch_client_fields(q, out);
     }
 
-    /// Header and question only (plus the OPT when kept), TC=1: the client retries over TCP.
-    fn write_truncated(&self, out: &mut Vec<u8>, keep_opt: bool, opt_start: usize) {
+    /// Header and question only, TC=1: the client retries over TCP.
+    fn write_truncated(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.wire[..usize::from(self.question_end)]);
-        if keep_opt {
-            out.extend_from_slice(&self.wire[opt_start..]);
-        }
         let flags = be16(out, 2) | flag::TC;
         put16(out, 2, flags);
         put16(out, 6, 0);
         put16(out, 8, 0);
-        put16(out, 10, u16::from(keep_opt));
+        put16(out, 10, 0);
     }
 
     fn rewrite_ttls(&self, out: &mut [u8], ttls: TtlRewrite) {
@@ -337,10 +322,14 @@ impl Entry {
         }
     }
 
-    /// The client's ID, RD bit and question bytes (its 0x20 case pattern).
+    /// The client's ID, RD bit and question bytes (its 0x20 case pattern). AD stays set only
+    /// for clients that asked with AD or DO (RFC 6840 §5.8).
     fn patch_client_fields(&self, q: &Query<'_>, out: &mut [u8]) {
         put16(out, 0, q.id);
-        let flags = (be16(out, 2) & !flag::RD) | (q.flags & flag::RD);
+        let mut flags = (be16(out, 2) & !flag::RD) | (q.flags & flag::RD);
+        if q.flags & flag::AD == 0 && !q.dnssec_ok() {
+            flags &= !flag::AD;
+        }
         put16(out, 2, flags);
         let name_end = HEADER_LEN + q.qname.len();
         if name_end <= usize::from(self.question_end) {

@@ -493,6 +493,60 @@ fn opt_is_stripped_for_clients_without_edns_and_kept_bare_for_others() {
 }
 
 #[test]
+fn edns_clients_get_an_opt_with_their_do_bit_even_if_upstream_sent_none() {
+    let f = Fixture::new(small_config());
+    let dnssec = Ask {
+        dnssec_ok: true,
+        ..ask()
+    };
+    let query = query_bytes("noopt.example.com.", dnssec);
+    let plain_query = query_bytes(
+        "noopt.example.com.",
+        Ask {
+            edns: false,
+            ..ask()
+        },
+    );
+    let answers = vec![a("noopt.example.com.", 60, 1)];
+    let response = reply(&plain_query, ResponseCode::NoError, answers, vec![]);
+    assert!(Message::from_vec(&response).unwrap().edns.is_none());
+    let inserted = f
+        .cache
+        .insert(&parse_query(&query).unwrap(), &response, f.t0);
+    assert_eq!(inserted, Inserted::Cached(EntryKind::Success));
+    let (m, _) = f.answer("noopt.example.com.", dnssec, 0).unwrap();
+    let edns = m.edns.expect("OPT for an EDNS client");
+    assert!(edns.flags().dnssec_ok);
+    assert_eq!(edns.version(), 0);
+}
+
+#[test]
+fn ad_bit_only_for_clients_that_asked_with_ad_or_do() {
+    let f = Fixture::new(small_config());
+    let query = query_bytes("ad.example.com.", ask());
+    let mut response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![a("ad.example.com.", 60, 1)],
+        vec![],
+    );
+    response[3] |= 0x20; // AD=1 from a validating upstream
+    f.cache
+        .insert(&parse_query(&query).unwrap(), &response, f.t0);
+    let mut with_ad = query.clone();
+    with_ad[3] |= 0x20;
+    for (client, expect_ad) in [(query, false), (with_ad, true)] {
+        let mut out = Vec::new();
+        let q = parse_query(&client).unwrap();
+        assert_ne!(f.cache.answer(&q, f.t0, &mut out, 4096), Answer::Miss);
+        assert_eq!(
+            Message::from_vec(&out).unwrap().metadata.authentic_data,
+            expect_ad
+        );
+    }
+}
+
+#[test]
 fn long_answers_are_truncated_to_the_limit_with_tc() {
     let f = Fixture::new(small_config());
     let answers: Vec<_> = (1..=100).map(|i| a("big.example.com.", 60, i)).collect();
@@ -739,4 +793,81 @@ mod fuzz {
             }
         }
     }
+}
+
+/// Counts heap allocations per thread, to prove the hit path allocates nothing.
+mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    struct Counting;
+
+    fn count() {
+        // try_with: allocations during thread teardown must not panic.
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+    }
+
+    // SAFETY: forwards every call unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count();
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count();
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    pub(super) fn allocations() -> u64 {
+        ALLOCATIONS.with(|n| n.get())
+    }
+}
+
+#[test]
+fn hits_misses_and_stale_answers_do_not_allocate() {
+    let f = Fixture::new(small_config());
+    f.insert_a("alloc.example.com.", 60);
+    let queries = [
+        query_bytes("ALLOC.example.com.", ask()),
+        query_bytes(
+            "alloc.example.com.",
+            Ask {
+                edns: false,
+                ..ask()
+            },
+        ),
+        query_bytes("absent.example.com.", ask()),
+    ];
+    let mut out = Vec::with_capacity(4096);
+    let probe = alloc_count::allocations();
+    drop(std::hint::black_box(Box::new(probe)));
+    assert_eq!(
+        alloc_count::allocations(),
+        probe + 1,
+        "the counter sees allocations"
+    );
+    let before = alloc_count::allocations();
+    let mut hits = 0;
+    for _ in 0..100 {
+        for query in &queries {
+            let q = parse_query(query).unwrap();
+            if f.cache.answer(&q, f.at(1), &mut out, 512) != Answer::Miss {
+                hits += 1;
+            }
+            f.cache.answer_stale(&q, f.at(100), &mut out, 512);
+        }
+    }
+    assert_eq!(alloc_count::allocations() - before, 0);
+    assert_eq!(hits, 200);
 }

@@ -1004,6 +1004,7 @@ fn every_dashboard_query_and_alert_evaluates_against_the_real_daemon() -> Result
     let result = evaluate_everything(tmp.path());
     stop.store(true, Ordering::Relaxed);
     let seen = load.join().map_err(|_| anyhow!("query thread panicked"))?;
+    eprintln!("replies seen by the query mix: {seen:?}");
     result?;
     // The mix really went through the daemon: answers, NXDOMAINs.
     ensure!(
@@ -1044,7 +1045,26 @@ fn evaluate_everything(dir: &Path) -> Result<()> {
         ensure!(empty.is_empty(), "no series:\n{}", empty.join("\n"));
         Ok(())
     })?;
-    check_panels_show_what_happened(&queries)
+    check_panels_show_what_happened(&queries)?;
+    print_totals();
+    Ok(())
+}
+
+/// For the log (no assertions: how often a burst coalesces depends on scheduling).
+fn print_totals() {
+    for metric in [
+        "coredns_dns_requests_total",
+        "coredns_cache_hits_total",
+        "coredns_cache_misses_total",
+        "node_local_dns_coalesced_queries_total",
+        "coredns_cache_prefetch_total",
+        "coredns_proxy_healthcheck_failures_total",
+    ] {
+        let total = instant(&format!("sum({metric}{{job=\"node-local-dns\"}})"))
+            .ok()
+            .and_then(|r| first_value(&r));
+        eprintln!("{metric}: {total:?}");
+    }
 }
 
 /// Values of `label` across the series of every panel titled `title`.

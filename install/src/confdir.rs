@@ -143,6 +143,26 @@ pub fn ensure_conf_dir(
     Ok(EnsureOutcome { change, skipped })
 }
 
+/// Whether the runtime's config already holds our entry as desired (changes nothing).
+/// `Ok(None)` when it does; `Ok(Some(reason))` when an install round would still write.
+pub fn check_conf_dir(dir: &Path, entry: &PluginEntry) -> Result<Option<String>, InstallError> {
+    let Selection { file, shape, .. } = select_primary(dir)?;
+    let path = file.path.display();
+    if shape == Shape::Single {
+        return Ok(Some(format!(
+            "{path} is a single-plugin config, not yet converted"
+        )));
+    }
+    let mut doc = file.doc;
+    match conflist::ensure_entry(&mut doc, entry) {
+        Ok(false) => Ok(None),
+        Ok(true) => Ok(Some(format!(
+            "{path} lacks our entry or has an outdated one"
+        ))),
+        Err(e) => Err(invalid(&file.path, e)),
+    }
+}
+
 /// Takes our entry out of every config file that has one. Unparsable files are reported and
 /// left alone; a failed write is an error (the caller must then keep the binary).
 pub fn remove_from_conf_dir(dir: &Path) -> Result<RemoveOutcome, InstallError> {

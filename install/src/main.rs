@@ -42,6 +42,9 @@ enum Command {
     /// Copy the plugin binary, add our entry to the runtime's conflist, then watch and keep it
     /// there. SIGTERM/SIGINT stop the watch and leave everything installed.
     Install(InstallArgs),
+    /// Exit 0 when the plugin binary and our conflist entry are in place as `install` would
+    /// leave them, else 1 with the reasons on stderr. Changes nothing (readiness probe).
+    Check(InstallArgs),
     /// Remove our conflist entry from every config file, then the plugin binary.
     Uninstall(UninstallArgs),
 }
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
     signals.thread_block().context("blocking SIGTERM/SIGINT")?;
     match cli.command {
         Command::Install(args) => install(args, signals),
+        Command::Check(args) => check(args),
         Command::Uninstall(args) => uninstall(args),
     }
 }
@@ -165,31 +169,23 @@ fn termination_signals() -> SigSet {
     set
 }
 
-fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
-    let cluster_dns = cluster_dns_or_env(args.cluster_dns)?;
-    if cluster_dns.is_empty() {
-        bail!(
-            "no kube-dns ClusterIP: give --cluster-dns, NODE_LOCAL_DNS_CLUSTER_DNS or KUBE_DNS_SVC_IP"
-        );
+fn check(args: InstallArgs) -> anyhow::Result<()> {
+    let problems = watch::check(&install_config(args)?);
+    if problems.is_empty() {
+        return Ok(());
     }
-    let cfg = InstallConfig {
-        bin_dir: args.dirs.bin_dir,
-        conf_dir: args.dirs.conf_dir,
-        plugin_binary: args.plugin_binary,
-        entry: PluginEntry {
-            cluster_dns,
-            local_ips: args.local_ip,
-        },
-        resync: args.resync_interval,
-        debounce: args.debounce,
-        retry: args.retry_interval,
-    };
+    bail!("not installed: {}", problems.join("; "))
+}
+
+fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
+    let once = args.once;
+    let cfg = install_config(args)?;
     for dir in [&cfg.bin_dir, &cfg.conf_dir] {
         for stale in atomic::remove_stale_temp_files(dir)? {
             tracing::info!(path = %stale.display(), "removed a temp file left by an interrupted run");
         }
     }
-    if args.once {
+    if once {
         let done = watch::reconcile(&cfg)?;
         watch::log_reconciled(&done);
         return Ok(());
@@ -202,6 +198,27 @@ fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
     let _watcher = watch::watch_conf_dir(&cfg.conf_dir, tx)?;
     watch::run(&cfg, &rx);
     Ok(())
+}
+
+fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
+    let cluster_dns = cluster_dns_or_env(args.cluster_dns)?;
+    if cluster_dns.is_empty() {
+        bail!(
+            "no kube-dns ClusterIP: give --cluster-dns, NODE_LOCAL_DNS_CLUSTER_DNS or KUBE_DNS_SVC_IP"
+        );
+    }
+    Ok(InstallConfig {
+        bin_dir: args.dirs.bin_dir,
+        conf_dir: args.dirs.conf_dir,
+        plugin_binary: args.plugin_binary,
+        entry: PluginEntry {
+            cluster_dns,
+            local_ips: args.local_ip,
+        },
+        resync: args.resync_interval,
+        debounce: args.debounce,
+        retry: args.retry_interval,
+    })
 }
 
 /// A thread that turns SIGTERM/SIGINT into `Wake::Stop`.

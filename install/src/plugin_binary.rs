@@ -48,6 +48,20 @@ pub fn ensure_binary(source: &Path, bin_dir: &Path) -> Result<BinaryOutcome, Ins
     })
 }
 
+/// Whether `bin_dir` holds an identical copy of `source` that answers VERSION (changes
+/// nothing). `Ok(None)` when it does, else the reason.
+pub fn check_binary(source: &Path, bin_dir: &Path) -> Result<Option<String>, InstallError> {
+    let target = installed_path(bin_dir);
+    if !same_contents(source, &target)? {
+        return Ok(Some(format!(
+            "{} is missing or differs from {}",
+            target.display(),
+            source.display()
+        )));
+    }
+    Ok(probe_version(&target).err().map(|e| e.to_string()))
+}
+
 /// Removes the installed binary; a missing one is success.
 pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
     atomic::remove_durably(&installed_path(bin_dir))

@@ -49,6 +49,17 @@ pub fn reconcile(cfg: &InstallConfig) -> Result<Reconciled, InstallError> {
     Ok(Reconciled { binary, conf })
 }
 
+/// What an install round would still have to do, without doing it: empty when the node is
+/// fully installed (the installer container's readiness).
+pub fn check(cfg: &InstallConfig) -> Vec<String> {
+    let binary = plugin_binary::check_binary(&cfg.plugin_binary, &cfg.bin_dir);
+    let conf = confdir::check_conf_dir(&cfg.conf_dir, &cfg.entry);
+    [binary, conf]
+        .into_iter()
+        .filter_map(|r| r.unwrap_or_else(|e| Some(e.to_string())))
+        .collect()
+}
+
 /// Reconciles and logs the result; returns whether it succeeded.
 pub fn reconcile_and_log(cfg: &InstallConfig) -> bool {
     match reconcile(cfg) {

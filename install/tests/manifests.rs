@@ -312,6 +312,26 @@ fn installer_container_command_and_env_work_with_the_real_binary() {
         fs::read(examples_dir().join("flannel.conflist")).unwrap()
     );
     assert!(answers_version(&host.join("opt/cni/bin/node-local-dns")));
+
+    // The container's readiness probe, run the same way, now passes.
+    let probe: Vec<String> = installer_spec["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .expect("installer readiness probe")
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap()
+                .replace("=/host/", &format!("={}/", host.display()))
+        })
+        .collect();
+    assert_eq!(probe[..2], ["node-local-dns-install", "check"]);
+    let ready = installer()
+        .args(&probe[1..])
+        .envs(&env)
+        .env("NODE_LOCAL_DNS_PLUGIN_BINARY", &node.plugin)
+        .output()
+        .unwrap();
+    assert_ok(&ready);
 }
 
 #[test]

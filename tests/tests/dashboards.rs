@@ -255,6 +255,23 @@ fn dashboard_has_the_rows_variables_and_panels_operators_expect() {
             "panel {title:?} is not scoped by job and $node: {expr}"
         );
     }
+    // Panels fit the 24-column grid and do not overlap.
+    let boxes: Vec<(u64, u64, u64, u64)> = all_panels(&d)
+        .iter()
+        .map(|p| {
+            let g = &p["gridPos"];
+            let n = |k: &str| g[k].as_u64().unwrap();
+            (n("x"), n("y"), n("w"), n("h"))
+        })
+        .collect();
+    for (i, a) in boxes.iter().enumerate() {
+        assert!(a.0 + a.2 <= 24, "panel {i} leaves the grid: {a:?}");
+        for b in &boxes[i + 1..] {
+            let apart =
+                a.0 + a.2 <= b.0 || b.0 + b.2 <= a.0 || a.1 + a.3 <= b.1 || b.1 + b.3 <= a.1;
+            assert!(apart, "panels overlap: {a:?} {b:?}");
+        }
+    }
     // Panel ids are unique (Grafana uses them for links and repeats).
     let ids: Vec<u64> = all_panels(&d)
         .iter()
@@ -929,6 +946,21 @@ fn check_rules_loaded_and_healthy(expected: usize) -> Result<()> {
     })
 }
 
+/// Alerts on a misspelt metric would parse and stay silent forever: every daemon metric an
+/// alert names must have series in Prometheus (kube-state-metrics ones are not scraped here).
+fn alert_metrics_are_exported(alerts: &[(String, String)]) -> Result<()> {
+    for (name, expr) in alerts {
+        let metrics = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|w| w.starts_with("coredns_") || w.starts_with("node_local_dns_"));
+        for metric in metrics {
+            let found = instant(&format!("count({metric}{{job=\"node-local-dns\"}})"))?;
+            ensure!(!found.is_empty(), "alert {name}: {metric} has no series");
+        }
+    }
+    Ok(())
+}
+
 /// The health-check alert must catch the dead upstream, labelled as the PodMonitor sets it,
 /// and must not blame the live one.
 fn wait_for_dead_upstream_alert() -> Result<()> {
@@ -1027,6 +1059,7 @@ fn evaluate_everything(dir: &Path) -> Result<()> {
     for (name, expr) in &alerts {
         instant(expr).with_context(|| format!("alert {name}: {expr}"))?;
     }
+    alert_metrics_are_exported(&alerts)?;
     wait_for_dead_upstream_alert()?;
 
     let dashboard = load_dashboard()?;

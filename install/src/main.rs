@@ -252,11 +252,12 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
 fn teardown(args: &UninstallArgs, removed_entries: &[serde_json::Value]) -> anyhow::Result<()> {
     let mut cluster_dns = cluster_dns_or_env(args.cluster_dns.clone())?;
     if cluster_dns.is_empty() {
-        cluster_dns = removed_entries
-            .iter()
-            .flat_map(PluginEntry::cluster_dns_of)
-            .collect();
-        cluster_dns.dedup();
+        // Several files may carry the entry: each ClusterIP once, in first-seen order.
+        for ip in removed_entries.iter().flat_map(PluginEntry::cluster_dns_of) {
+            if !cluster_dns.contains(&ip) {
+                cluster_dns.push(ip);
+            }
+        }
     }
     if cluster_dns.is_empty() {
         bail!(

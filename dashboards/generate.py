@@ -193,7 +193,8 @@ def variable(name, label, query, doc):
         "type": "query",
         "datasource": DS,
         "definition": query,
-        "query": {"query": query, "refId": f"{name}-variable"},
+        # A plain string: read by every Grafana version (newer ones migrate it on load).
+        "query": query,
         "refresh": 2,
         "multi": True,
         "includeAll": True,

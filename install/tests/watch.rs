@@ -166,3 +166,52 @@ fn sigterm_exits_zero_and_leaves_everything_installed() {
     assert_eq!(fs::read(&conf).unwrap(), example(WITH));
     assert!(answers_version(&node.installed_plugin()));
 }
+
+/// In a container the installer is PID 1, for which the kernel drops signals that have no
+/// handler; SIGTERM must still stop it cleanly (it is blocked and taken with sigwait).
+#[test]
+fn sigterm_stops_the_installer_as_pid_1_of_its_pid_namespace() {
+    let node = Node::new();
+    let conf = node.conf("10-flannel.conflist");
+    fs::write(&conf, example(WITHOUT)).unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        INSTALLER,
+        "install",
+        "--cluster-dns",
+        CLUSTER_DNS,
+    ])
+    .arg("--bin-dir")
+    .arg(&node.bin_dir)
+    .arg("--conf-dir")
+    .arg(&node.conf_dir)
+    .arg("--plugin-binary")
+    .arg(&node.plugin);
+    let (unshare, logs) = spawn_logged(cmd);
+    wait_until("installed", || fs::read(&conf).unwrap() == example(WITH));
+    let children = format!("/proc/{0}/task/{0}/children", unshare.pid());
+    let installer_pid: i32 = fs::read_to_string(&children)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = fs::read_to_string(format!("/proc/{installer_pid}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(
+        nspid.ends_with("\t1"),
+        "not PID 1 in its namespace: {nspid}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(installer_pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until("the stop is logged", || logs.count("stays installed") == 1);
+    let mut unshare = unshare;
+    let exit = unshare.0.take().unwrap().wait().unwrap();
+    assert!(exit.success(), "{exit}: {}", logs.text());
+    assert_eq!(fs::read(&conf).unwrap(), example(WITH));
+}

@@ -507,8 +507,12 @@ impl Pod {
         self.removed = true;
         match self.runtime {
             Runtime::Podman => {
+                // stop tears the network down (CNI DEL), rm removes the container.
+                let mut stop = self.ctl.podman();
+                stop.args(["stop", "-t", "0", &self.id]);
+                output_of(&mut stop)?;
                 let mut rm = self.ctl.podman();
-                rm.args(["rm", "-f", "-t", "0", &self.id]);
+                rm.args(["rm", &self.id]);
                 output_of(&mut rm).map(|_| ())
             }
             Runtime::Containerd => {

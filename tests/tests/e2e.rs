@@ -134,6 +134,22 @@ fn lookups_served_by_cache(backend: Backend) {
         reqs >= 20.0,
         "requests on the ClusterIP listener moved by {reqs}"
     );
+    // The plugin's ADD (run by podman on this node) shows in the daemon's metrics: both read
+    // and write the node's /run/node-local-dns.
+    let adds = after.sum("node_local_dns_cni_operations_total", &["command=\"ADD\""]);
+    assert!(adds >= 1.0, "the pod's CNI ADD counted: {adds}");
+    // Served locally means untracked: no conntrack entry for the pod's queries to the ClusterIP.
+    let pod_ip = pod
+        .ips()
+        .unwrap()
+        .into_iter()
+        .find(IpAddr::is_ipv4)
+        .unwrap();
+    let tracked = sim.node.conntrack_dns(pod_ip, ip("10.96.0.10")).unwrap();
+    assert!(
+        tracked.is_empty(),
+        "pod queries were NOTRACKed: {tracked:#?}"
+    );
 }
 
 /// Tests 2 and 3: kill -9 the daemon under ≥ 500 q/s: every later query is answered through

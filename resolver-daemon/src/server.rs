@@ -14,7 +14,7 @@ use crate::upstream::{Forwarder, ForwarderConfig, Upstream, UpstreamSet, resolv_
 use crate::watchdog::{self, Heartbeat};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -139,6 +139,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
         metrics.coalesced.clone(),
     ));
     let shutdown = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(JOB_QUEUE);
 
@@ -169,6 +170,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 listener: idx,
                 shutdown: shutdown.clone(),
                 log_queries: cfg.log_queries,
+                received: received.clone(),
             };
             let h = std::thread::Builder::new()
                 .name(format!("udp-{addr}-{t}"))
@@ -215,7 +217,13 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
     let heartbeat = Arc::new(Heartbeat::default());
     start_heartbeat(heartbeat.clone());
     if let Some(timeout) = cfg.watchdog_timeout {
-        watchdog::spawn(probe_targets(&cfg), timeout, heartbeat, shutdown.clone());
+        watchdog::spawn(
+            probe_targets(&cfg),
+            timeout,
+            heartbeat,
+            received,
+            shutdown.clone(),
+        );
     }
 
     wait_for_signal().await?;

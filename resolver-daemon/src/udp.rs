@@ -9,7 +9,7 @@ use crate::wire;
 use socket2::{SockAddr, Socket};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -69,6 +69,8 @@ pub struct HotPath {
     pub listener: usize,
     pub shutdown: Arc<AtomicBool>,
     pub log_queries: bool,
+    /// Datagrams received by all UDP threads (watchdog liveness).
+    pub received: Arc<AtomicU64>,
 }
 
 /// Preallocated recvmmsg/sendmmsg state. The mmsghdr pointers are refreshed before every
@@ -222,6 +224,7 @@ impl HotPath {
                     continue;
                 }
             };
+            self.received.fetch_add(n as u64, Ordering::Relaxed);
             self.handle_batch(&mut b, n, Instant::now());
             b.send(fd);
         }

@@ -73,17 +73,23 @@ pub fn probe(target: SocketAddr, wait: Duration) -> bool {
     false
 }
 
+/// `received` counts datagrams the UDP threads took off their sockets: while it moves, the
+/// receive path is alive even if an overloaded socket drops our probes.
 pub fn spawn(
     targets: Vec<SocketAddr>,
     timeout: Duration,
     heartbeat: Arc<Heartbeat>,
+    received: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) {
     let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
         let mut failing_since: Option<Instant> = None;
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            let ok = heartbeat.age() < timeout && targets.iter().all(|t| probe(*t, PROBE_INTERVAL));
+            let before = received.load(Ordering::Relaxed);
+            let probes_ok = targets.iter().all(|t| probe(*t, PROBE_INTERVAL));
+            let serving = received.load(Ordering::Relaxed) > before;
+            let ok = heartbeat.age() < timeout && (probes_ok || serving);
             if stop.load(Ordering::Relaxed) {
                 return;
             }

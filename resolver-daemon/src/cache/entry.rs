@@ -4,6 +4,7 @@
 //! any records after the OPT), so that a hit is a memcpy, a few in-place patches and, for
 //! EDNS clients, a fresh 11-byte OPT record carrying the client's DO bit.
 
+use super::key::CacheKey;
 use super::{CacheConfig, EntryKind};
 use crate::wire::{
     self, HEADER_LEN, Header, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag, put16, put32, rcode,
@@ -189,7 +190,9 @@ pub(super) enum TtlRewrite {
 /// A stored entry. `prev`/`next` link it into its shard's LRU list of its kind.
 #[derive(Debug)]
 pub(super) struct Entry {
-    pub key: Box<[u8]>,
+    /// Key hash and DO/CD flags: with the stored question they rebuild the key.
+    key_hash: u64,
+    key_flags: u8,
     wire: Box<[u8]>,
     ttl_offsets: Box<[u16]>,
     question_end: u16,
@@ -207,9 +210,10 @@ pub(super) struct Entry {
 }
 
 impl Entry {
-    pub(super) fn new(key: &[u8], prepared: PreparedEntry, ttl: u32, now: Instant) -> Self {
+    pub(super) fn new(key: &CacheKey, prepared: PreparedEntry, ttl: u32, now: Instant) -> Self {
         Self {
-            key: key.into(),
+            key_hash: key.hash(),
+            key_flags: key.flags(),
             wire: prepared.wire.into_boxed_slice(),
             ttl_offsets: prepared.ttl_offsets.into_boxed_slice(),
             // Fits: the reply is at most 65535 bytes (checked in from_response).
@@ -230,13 +234,20 @@ impl Entry {
         self.kind
     }
 
-    /// Heap and table bytes this entry accounts for against the byte budget (the key is held
-    /// twice: here and in the shard's map).
+    /// The key this entry is stored under in its shard's map.
+    pub(super) fn key(&self) -> CacheKey {
+        let question = &self.wire[HEADER_LEN..usize::from(self.question_end)];
+        CacheKey::from_stored(self.key_hash, self.key_flags, question)
+    }
+
+    /// Heap and table bytes this entry accounts for against the byte budget: the entry, its
+    /// map slot and key, its reply and TTL offsets.
     pub(super) fn footprint(&self) -> usize {
         const MAP_SLOT: usize = size_of::<(Box<[u8]>, u32)>() + 1;
+        let key_len = self.key().as_bytes().len();
         size_of::<Self>()
             + MAP_SLOT
-            + 2 * self.key.len()
+            + key_len
             + self.wire.len()
             + size_of::<u16>() * self.ttl_offsets.len()
     }

@@ -37,6 +37,25 @@ impl CacheKey {
         Self { bytes, len }
     }
 
+    /// Rebuilds the key of a stored entry from its hash, flags and wire question (name as
+    /// the upstream spelled it, then qtype and qclass), so entries need not hold a copy.
+    pub(super) fn from_stored(hash: u64, flags: u8, question: &[u8]) -> Self {
+        let mut bytes = [0u8; KEY_MAX];
+        let name_len = question.len().saturating_sub(4).min(MAX_NAME_LEN);
+        let len = FIXED_LEN + name_len;
+        bytes[..HASH_LEN].copy_from_slice(&hash.to_le_bytes());
+        bytes[HASH_LEN] = flags;
+        if let Some(type_class) = question.get(name_len..name_len + 4) {
+            bytes[HASH_LEN + 1..FIXED_LEN].copy_from_slice(type_class);
+        }
+        lowercase_into(&question[..name_len], &mut bytes[FIXED_LEN..len]);
+        Self { bytes, len }
+    }
+
+    pub(super) fn flags(&self) -> u8 {
+        self.bytes[HASH_LEN]
+    }
+
     pub(super) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }

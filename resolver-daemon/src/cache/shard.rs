@@ -85,7 +85,7 @@ impl Shard {
         now: Instant,
         stale_window: Duration,
     ) -> Result<(), &'static str> {
-        let entry = Entry::new(key.as_bytes(), prepared, ttl, now);
+        let entry = Entry::new(key, prepared, ttl, now);
         if entry.footprint() > self.limits.max_bytes {
             return Err("entry larger than the cache's byte budget");
         }
@@ -145,7 +145,7 @@ impl Shard {
         self.unlink(kind.index(), slot);
         if let Some(entry) = self.slots[slot as usize].take() {
             self.bytes -= entry.footprint();
-            self.map.remove(&entry.key);
+            self.map.remove(entry.key().as_bytes());
         }
         self.free.push(slot);
         kind

@@ -19,6 +19,7 @@ use std::time::Duration;
 pub mod desired;
 pub mod links;
 mod lock;
+mod nftgen;
 pub mod rules;
 pub mod stats;
 
@@ -227,9 +228,13 @@ fn observe(
     desired: &DesiredState,
     links: &dyn Links,
     table: &dyn RuleTable,
+    rules_known_clean: bool,
 ) -> Result<Observed, SetupError> {
     let net = links.dump(&desired.interface)?;
     let mut rules = Vec::new();
+    if rules_known_clean {
+        return Ok(Observed { net, rules });
+    }
     for family in desired.rule_families() {
         let (diff, saved) = rules::observe_family(table, desired, family)?;
         rules.push((family, diff, saved));
@@ -243,6 +248,62 @@ struct LockSpec<'a> {
     timeout: Duration,
 }
 
+impl LockSpec<'_> {
+    /// Beside the lock: the rules generation at which our rules were last seen complete.
+    fn verified_path(&self) -> PathBuf {
+        self.path.with_extension("verified")
+    }
+}
+
+/// What the verified file holds when `desired`'s rules were complete at generation `stamp`.
+fn verified_key(stamp: &str, desired: &DesiredState) -> String {
+    let mut key = format!("{stamp}\n");
+    for rule in &desired.rules {
+        key.push_str(&format!(
+            "{:?} {} {}\n",
+            rule.family,
+            rule.chain,
+            rule.save_spec()
+        ));
+    }
+    key
+}
+
+/// The key for the current generation, and whether our rules are known to be complete at it
+/// (then no `-save` is needed: nothing changed since they were verified).
+fn rules_generation(
+    desired: &DesiredState,
+    table: &dyn RuleTable,
+    lock: &LockSpec<'_>,
+) -> (Option<String>, bool) {
+    let Some(stamp) = table.generation() else {
+        return (None, false);
+    };
+    let key = verified_key(&stamp, desired);
+    let known = std::fs::read_to_string(lock.verified_path()).is_ok_and(|v| v == key);
+    (Some(key), known)
+}
+
+/// Records that the rules were complete at the generation read before they were checked.
+/// Best effort: without the file the next call simply checks in full.
+fn remember_verified(key: &str, lock: &LockSpec<'_>) {
+    let path = lock.verified_path();
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, key))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::debug!(error = %e, path = %path.display(), "could not record verified rules generation");
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// The whole ensure flow over the two traits: look without the lock (fast path: everything in
 /// place, nothing written), otherwise take the lock, look again (another ADD may have fixed it
 /// meanwhile) and repair what is still missing.
@@ -252,12 +313,18 @@ fn ensure_with(
     table: &dyn RuleTable,
     lock: &LockSpec<'_>,
 ) -> Result<(String, Vec<String>), SetupError> {
-    let first = observe(desired, links, table)?;
+    // The generation is read before the rules are, so a change in between shows up as a
+    // different generation next time.
+    let (key, rules_known_clean) = rules_generation(desired, table, lock);
+    let first = observe(desired, links, table, rules_known_clean)?;
     if first.missing(desired).is_empty() {
+        if let (Some(key), false) = (&key, rules_known_clean) {
+            remember_verified(key, lock);
+        }
         return Ok((first.link_kind(desired), Vec::new()));
     }
     let _guard = lock::acquire(lock.path, lock.timeout)?;
-    let now = observe(desired, links, table)?;
+    let now = observe(desired, links, table, false)?;
     let mut changes = Vec::new();
     let net = repair_links(desired, links, &now.net, &mut changes)?;
     for (family, diff, saved) in &now.rules {
@@ -331,7 +398,13 @@ pub fn check_node(cfg: &NodeConfig) -> Result<Vec<Missing>, SetupError> {
     let desired = DesiredState::from_config(cfg);
     let backend = rules::resolve_backend(cfg.backend)?;
     let links = Netlink::open()?;
-    Ok(observe(&desired, &links, &Iptables::new(backend))?.missing(&desired))
+    let table = Iptables::new(backend);
+    let lock = LockSpec {
+        path: &cfg.lock_path,
+        timeout: cfg.lock_timeout,
+    };
+    let (_, rules_known_clean) = rules_generation(&desired, &table, &lock);
+    Ok(observe(&desired, &links, &table, rules_known_clean)?.missing(&desired))
 }
 
 /// Removes the interface and our rules (uninstall with --teardown-node only).

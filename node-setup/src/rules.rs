@@ -61,6 +61,11 @@ pub trait RuleTable {
     fn insert_first(&self, family: Family, chain: &str, spec: &str) -> Result<(), SetupError>;
     /// Deletes one copy; a rule that is already gone is not an error.
     fn delete(&self, family: Family, chain: &str, spec: &str) -> Result<(), SetupError>;
+    /// A stamp that changes whenever any rule of this backend in this namespace changes, if
+    /// the backend has one (nft does; legacy does not).
+    fn generation(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Resolves `Auto` by looking at the tables kube-proxy and kubelet write.
@@ -172,6 +177,15 @@ impl RuleTable for Iptables {
                 _ => Err(self.err(family, &what, e)),
             },
         }
+    }
+
+    fn generation(&self) -> Option<String> {
+        if self.backend != Backend::Nft {
+            return None;
+        }
+        crate::nftgen::stamp()
+            .inspect_err(|e| tracing::debug!(error = %e, "no nftables generation; full check"))
+            .ok()
     }
 }
 

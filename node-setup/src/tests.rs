@@ -1,8 +1,9 @@
 //! Unit tests of the ensure/check/teardown flow over fake links and a fake raw table.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 
 use super::*;
 use crate::desired::{Address, Family, output_rule, prerouting_rule};
@@ -79,6 +80,10 @@ impl Links for FakeLinks {
 struct FakeTable {
     rules: RefCell<BTreeMap<Family, Vec<(String, String)>>>,
     edits: RefCell<usize>,
+    /// Like nft: a generation that every change bumps.
+    has_generation: bool,
+    generation: Cell<u64>,
+    saves: Cell<usize>,
 }
 
 impl FakeTable {
@@ -96,6 +101,7 @@ impl FakeTable {
     }
 
     fn push_first(&self, family: Family, chain: &str, spec: &str) {
+        self.generation.set(self.generation.get() + 1);
         self.rules
             .borrow_mut()
             .entry(family)
@@ -106,6 +112,7 @@ impl FakeTable {
 
 impl RuleTable for FakeTable {
     fn save_raw(&self, family: Family) -> Result<String, SetupError> {
+        self.saves.set(self.saves.get() + 1);
         let mut out = String::from("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
         for (chain, spec) in self.rules.borrow().get(&family).into_iter().flatten() {
             out.push_str(&format!("-A {chain} {spec}\n"));
@@ -120,12 +127,17 @@ impl RuleTable for FakeTable {
     }
     fn delete(&self, family: Family, chain: &str, spec: &str) -> Result<(), SetupError> {
         *self.edits.borrow_mut() += 1;
+        self.generation.set(self.generation.get() + 1);
         let mut all = self.rules.borrow_mut();
         let rules = all.entry(family).or_default();
         if let Some(pos) = rules.iter().position(|(c, s)| c == chain && s == spec) {
             rules.remove(pos);
         }
         Ok(())
+    }
+    fn generation(&self) -> Option<String> {
+        self.has_generation
+            .then(|| format!("fake:{}", self.generation.get()))
     }
 }
 
@@ -145,19 +157,78 @@ fn run_ensure(
     table: &FakeTable,
 ) -> (String, Vec<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let lock_path = dir.path().join("setup.lock");
+    let (kind, changes) = ensure_in(dir.path(), cfg, links, table);
+    (kind, changes, dir)
+}
+
+fn ensure_in(
+    dir: &Path,
+    cfg: &NodeConfig,
+    links: &FakeLinks,
+    table: &FakeTable,
+) -> (String, Vec<String>) {
+    let lock_path = dir.join("setup.lock");
     let lock = LockSpec {
         path: &lock_path,
         timeout: Duration::from_secs(1),
     };
-    let (kind, changes) =
-        ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap();
-    (kind, changes, dir)
+    ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap()
+}
+
+#[test]
+fn unchanged_generation_skips_reading_rules_and_any_change_rechecks() {
+    let (links, dir) = (FakeLinks::new(false), tempfile::tempdir().unwrap());
+    let table = FakeTable {
+        has_generation: true,
+        ..FakeTable::default()
+    };
+    let c = cfg(&[CLUSTER]);
+    ensure_in(dir.path(), &c, &links, &table);
+    // Our own repair changed the generation: the next call checks in full, then remembers.
+    let (_, changes) = ensure_in(dir.path(), &c, &links, &table);
+    assert!(changes.is_empty());
+    let saves = table.saves.get();
+    let (_, changes) = ensure_in(dir.path(), &c, &links, &table);
+    assert!(changes.is_empty());
+    assert_eq!(
+        table.saves.get(),
+        saves,
+        "fast path must not read the rules"
+    );
+    // Someone else changes the table: the generation moves, the rules are read and repaired.
+    table.delete(Family::V4, "PREROUTING", &udp_pre()).unwrap();
+    let (_, changes) = ensure_in(dir.path(), &c, &links, &table);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(table.saves.get() > saves);
+    assert_eq!(table.chain(Family::V4, "PREROUTING")[0], udp_pre());
+    // A different desired state never matches the remembered key.
+    ensure_in(dir.path(), &c, &links, &table);
+    let saves = table.saves.get();
+    ensure_in(dir.path(), &cfg(&["10.96.0.11"]), &links, &table);
+    assert!(table.saves.get() > saves);
+}
+
+#[test]
+fn without_a_generation_every_call_reads_the_rules() {
+    let (links, table, dir) = (
+        FakeLinks::new(false),
+        FakeTable::default(),
+        tempfile::tempdir().unwrap(),
+    );
+    let c = cfg(&[CLUSTER]);
+    ensure_in(dir.path(), &c, &links, &table);
+    ensure_in(dir.path(), &c, &links, &table);
+    let saves = table.saves.get();
+    ensure_in(dir.path(), &c, &links, &table);
+    assert_eq!(table.saves.get(), saves + 1);
+    assert!(!dir.path().join("setup.verified").exists());
 }
 
 fn missing(cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Vec<Missing> {
     let desired = DesiredState::from_config(cfg);
-    observe(&desired, links, table).unwrap().missing(&desired)
+    observe(&desired, links, table, false)
+        .unwrap()
+        .missing(&desired)
 }
 
 fn udp_pre() -> String {

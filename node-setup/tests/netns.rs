@@ -126,6 +126,10 @@ fn deleted_rules_and_foreign_accept_are_repaired(backend: IptablesBackend) {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(backend, &[CLUSTER_V4], &dir);
         ensure_node(&c).unwrap();
+        // The second call verifies in full and, on nft, remembers the ruleset generation.
+        assert!(ensure_node(&c).unwrap().changes.is_empty());
+        let remembered = dir.path().join("setup.verified").exists();
+        assert_eq!(remembered, backend == IptablesBackend::Nft);
         let ipt = save_cmd(backend, false);
         let rules = raw_rules(backend, false);
         let out_rule = rules.iter().find(|l| l.starts_with("-A OUTPUT")).unwrap();

@@ -244,7 +244,7 @@ impl Entry {
     /// map slot and key, its reply and TTL offsets.
     pub(super) fn footprint(&self) -> usize {
         const MAP_SLOT: usize = size_of::<(Box<[u8]>, u32)>() + 1;
-        let key_len = self.key().as_bytes().len();
+        let key_len = CacheKey::len_for_name(usize::from(self.question_end) - HEADER_LEN - 4);
         size_of::<Self>()
             + MAP_SLOT
             + key_len

@@ -52,6 +52,11 @@ impl CacheKey {
         Self { bytes, len }
     }
 
+    /// Length of the key for a wire name of `name_len` bytes.
+    pub(super) fn len_for_name(name_len: usize) -> usize {
+        FIXED_LEN + name_len
+    }
+
     pub(super) fn flags(&self) -> u8 {
         self.bytes[HASH_LEN]
     }

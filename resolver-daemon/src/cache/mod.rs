@@ -248,6 +248,13 @@ impl Cache {
             })
     }
 
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        for shard in self.shards.iter() {
+            lock(shard).check_invariants();
+        }
+    }
+
     fn shard(&self, key: &CacheKey) -> MutexGuard<'_, Shard> {
         lock(&self.shards[key.shard_index(self.shards.len())])
     }

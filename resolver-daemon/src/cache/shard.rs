@@ -108,6 +108,33 @@ impl Shard {
         }
     }
 
+    /// Asserts that map, slab, LRU lists and byte count agree (tests only).
+    #[cfg(test)]
+    pub(super) fn check_invariants(&self) {
+        let mut linked = 0;
+        let mut bytes = 0;
+        for kind in KINDS {
+            let list = self.lru[kind.index()];
+            let (mut slot, mut prev, mut len) = (list.head, NIL, 0);
+            while slot != NIL {
+                let entry = self.entry(slot);
+                assert_eq!(entry.prev, prev);
+                assert_eq!(entry.kind(), kind);
+                assert_eq!(self.map.get(entry.key().as_bytes()), Some(&slot));
+                bytes += entry.footprint();
+                (prev, slot, len) = (slot, entry.next, len + 1);
+            }
+            assert_eq!(list.tail, prev);
+            assert_eq!(list.len, len);
+            assert!(len <= self.limits.capacity[kind.index()]);
+            linked += len;
+        }
+        assert_eq!(self.map.len(), linked);
+        assert_eq!(self.slots.len() - self.free.len(), linked);
+        assert_eq!(self.bytes, bytes);
+        assert!(self.bytes <= self.limits.max_bytes);
+    }
+
     fn entry(&self, slot: u32) -> &Entry {
         match &self.slots[slot as usize] {
             Some(entry) => entry,

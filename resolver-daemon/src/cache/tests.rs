@@ -768,7 +768,110 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
+    /// One step of a random workload over a handful of names.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Insert name `n` (the query spelled with case pattern `case`), positive or not.
+        Insert {
+            n: usize,
+            case: u8,
+            negative: bool,
+            ttl: u32,
+        },
+        Answer {
+            n: usize,
+            case: u8,
+        },
+        Stale {
+            n: usize,
+        },
+        Advance {
+            secs: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..8usize, any::<u8>(), any::<bool>(), 0..100u32).prop_map(
+                |(n, case, negative, ttl)| Op::Insert {
+                    n,
+                    case,
+                    negative,
+                    ttl
+                }
+            ),
+            (0..8usize, any::<u8>()).prop_map(|(n, case)| Op::Answer { n, case }),
+            (0..8usize).prop_map(|n| Op::Stale { n }),
+            (0..2000u64).prop_map(|secs| Op::Advance { secs }),
+        ]
+    }
+
+    /// `n<i>.example.com.` with letters upper-cased where `case` has a bit set.
+    fn spelled(n: usize, case: u8) -> String {
+        format!("n{n}.example.com.")
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if case >> (i % 8) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
     proptest! {
+        #[test]
+        fn random_workloads_keep_the_shard_consistent(ops in proptest::collection::vec(op(), 1..60)) {
+            let probe = Fixture::new(small_config());
+            probe.insert_a(&spelled(0, 0), 60);
+            let one = probe.cache.stats().bytes;
+            let cfg = CacheConfig {
+                success_capacity: 3,
+                denial_capacity: 2,
+                max_bytes: one * 4,
+                stale_window: Duration::from_secs(600),
+                ..small_config()
+            };
+            let f = Fixture::new(cfg);
+            let mut now = 0;
+            let mut out = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Insert { n, case, negative, ttl } => {
+                        // The upstream spells the name its own way (lower case here).
+                        let query = query_bytes(&spelled(n, case), ask());
+                        let upstream_query = query_bytes(&spelled(n, 0), ask());
+                        let response = if negative {
+                            reply(&upstream_query, ResponseCode::NXDomain, vec![], vec![soa("example.com.", ttl, ttl)])
+                        } else {
+                            reply(&upstream_query, ResponseCode::NoError, vec![a(&spelled(n, 0), ttl, 1)], vec![])
+                        };
+                        let q = parse_query(&query).unwrap();
+                        let inserted = f.cache.insert(&q, &response, f.at(now));
+                        prop_assert!(matches!(inserted, Inserted::Cached(_)), "{:?}", inserted);
+                        prop_assert_ne!(f.cache.answer(&q, f.at(now), &mut out, 512), Answer::Miss);
+                    }
+                    Op::Answer { n, case } => {
+                        let query = query_bytes(&spelled(n, case), ask());
+                        let q = parse_query(&query).unwrap();
+                        if f.cache.answer(&q, f.at(now), &mut out, 512) != Answer::Miss {
+                            let m = Message::from_vec(&out).unwrap();
+                            prop_assert_eq!(&out[12..q.question_end], &query[12..q.question_end]);
+                            prop_assert!(m.answers.iter().all(|r| r.name.to_ascii().eq_ignore_ascii_case(&spelled(n, 0))));
+                        }
+                    }
+                    Op::Stale { n } => {
+                        let query = query_bytes(&spelled(n, 0), ask());
+                        f.cache.answer_stale(&parse_query(&query).unwrap(), f.at(now), &mut out, 512);
+                    }
+                    Op::Advance { secs } => now += secs,
+                }
+                f.cache.check_invariants();
+            }
+        }
+
         #[test]
         fn arbitrary_replies_never_panic(
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),

@@ -29,6 +29,8 @@ pub enum QueryError {
     /// ICMP port unreachable (the connected socket got ECONNREFUSED).
     Refused,
     Malformed(String),
+    /// A well-formed answer that is not the expected one (rcode or addresses).
+    WrongAnswer(String),
     Io(String),
 }
 
@@ -317,7 +319,7 @@ fn run_worker(spec: &LoadSpec, worker: u32, start: Instant) -> LoadReport {
                 report.answered += 1;
                 continue;
             }
-            Ok(a) => QueryError::Malformed(format!("rcode {} addrs {:?}", a.rcode, a.addrs)),
+            Ok(a) => QueryError::WrongAnswer(format!("rcode {} addrs {:?}", a.rcode, a.addrs)),
             Err(e) => e,
         };
         match error {

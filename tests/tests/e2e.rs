@@ -350,8 +350,59 @@ fn raw_table_flush_restored(backend: Backend) {
 /// Test 6: with the daemon down, a host process on 0.0.0.0:53 (dnsmasq in its default
 /// wildcard mode, answering everything with 6.6.6.6) does not capture pod DNS.
 fn wildcard_listener_does_not_capture(backend: Backend) {
+    let report = pod_dns_with_wildcard_listener(backend, "safe");
+    assert_eq!(
+        report.failed(),
+        0,
+        "every pod query answered by cluster DNS, none by dnsmasq: {}",
+        describe(&report)
+    );
+    assert!(report.answered >= 400);
+}
+
+/// The control for test 6: the seed's `--nowildcard` rule lets the same dnsmasq capture pod
+/// DNS (DESIGN.md §1), so the test above can tell the two apart.
+fn nowildcard_rule_is_captured(backend: Backend) {
+    let report = pod_dns_with_wildcard_listener(backend, "nowildcard");
+    eprintln!(
+        "[{}] --nowildcard with dnsmasq on 0.0.0.0:53: {}",
+        backend.name(),
+        describe(&report)
+    );
+    assert!(
+        report.failed() > 0 && report.answered == 0,
+        "captured: {}",
+        describe(&report)
+    );
+}
+
+/// Kills the daemon, starts dnsmasq on 0.0.0.0:53 in the node netns (answering 6.6.6.6 for
+/// everything) and sends one second of pod queries to the ClusterIP.
+fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadReport {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    let mut opts = SimOptions::new(backend);
+    opts.install = false;
+    let mut sim = SimNode::new(opts).expect("simulated node");
+    sim.copy_plugin().expect("plugin");
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&simnode::runtime::bridge_conflist("1.0.0", false)).unwrap();
+    conf["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "type": "node-local-dns", "clusterDNS": ["10.96.0.10"], "socketMatch": socket_match
+        }));
+    sim.write_conflist(&conf.to_string()).unwrap();
+    let mut dopts = sim.daemon_options();
+    dopts.extra_args = vec!["--socket-match".into(), socket_match.into()];
+    sim.start_daemon(dopts).expect("daemon");
+    let pod = sim.run_pod("default").expect("pod");
+    let rules = sim.node.our_raw_rules(false).unwrap();
+    assert_eq!(
+        rules.iter().filter(|r| r.contains("--nowildcard")).count(),
+        if socket_match == "nowildcard" { 2 } else { 0 },
+        "{rules:#?}"
+    );
     sim.daemon().unwrap().kill9();
     let mut dnsmasq = std::process::Command::new("ip")
         .args([
@@ -361,10 +412,10 @@ fn wildcard_listener_does_not_capture(backend: Backend) {
             "dnsmasq",
             "-k",
             "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
         ])
         .args([
+            "--no-resolv",
+            "--no-hosts",
             "--address=/#/6.6.6.6",
             "--pid-file=",
             "--user=root",
@@ -383,12 +434,8 @@ fn wildcard_listener_does_not_capture(backend: Backend) {
         if r.is_ok() || Instant::now() > deadline {
             break r;
         }
+        std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(
-        probe.map(|a| a.addrs),
-        Ok(vec![ip("6.6.6.6")]),
-        "dnsmasq listens on 0.0.0.0:53"
-    );
     let report = in_netns(&pod.netns(), || {
         simnode::dns::run_load(&load(cluster_dns(), WEB, "10.100.0.1", 1, PortMode::Fresh))
     })
@@ -396,12 +443,11 @@ fn wildcard_listener_does_not_capture(backend: Backend) {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     assert_eq!(
-        report.failed(),
-        0,
-        "every pod query answered by cluster DNS, none by dnsmasq: {}",
-        describe(&report)
+        probe.map(|a| a.addrs),
+        Ok(vec![ip("6.6.6.6")]),
+        "dnsmasq listens on 0.0.0.0:53"
     );
-    assert!(report.answered >= 400);
+    report
 }
 
 /// Test 7: cluster DNS pods stopped: cached names keep resolving (served stale once expired),
@@ -543,6 +589,7 @@ both_backends! {
     t4_rolling_restart_stop_then_start => replace_restart_under_load;
     t5_raw_flush_restored => raw_table_flush_restored;
     t6_wildcard_listener_does_not_capture => wildcard_listener_does_not_capture;
+    t6_control_nowildcard_rule_is_captured => nowildcard_rule_is_captured;
     t7_cluster_dns_down_serves_stale => cluster_dns_down_serves_stale;
     t8_dual_stack => dual_stack;
     t9_uninstall_keeps_pods_working => uninstall_keeps_pods_working;

@@ -225,6 +225,36 @@ impl ClusterDns {
         self.sum_counter(&name_comment(name))
     }
 
+    /// Drops (`true`) or stops dropping every DNS packet this pod receives: an unreachable
+    /// pod that sends no ICMP back, so clients see only timeouts.
+    pub fn set_blackhole(&self, on: bool) -> Result<(), HarnessError> {
+        let op = if on { "-I" } else { "-D" };
+        for v6 in [false, true] {
+            for proto in ["udp", "tcp"] {
+                iptables(
+                    &self.ns,
+                    self.backend,
+                    v6,
+                    &[
+                        op,
+                        "INPUT",
+                        "-p",
+                        proto,
+                        "--dport",
+                        "53",
+                        "-m",
+                        "comment",
+                        "--comment",
+                        "nlde-blackhole",
+                        "-j",
+                        "DROP",
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Queries (udp+tcp, both families) this pod has received so far.
     pub fn queries_seen(&self) -> Result<u64, HarnessError> {
         self.sum_counter(COUNT_COMMENT)

@@ -238,6 +238,11 @@ impl Node {
         Ok(())
     }
 
+    /// Blackholes (`true`) or restores every cluster DNS pod (see `ClusterDns::set_blackhole`).
+    pub fn set_cluster_dns_blackhole(&self, on: bool) -> Result<(), HarnessError> {
+        self.dns.iter().try_for_each(|pod| pod.set_blackhole(on))
+    }
+
     /// `iptables-save -t raw` lines with our comment (the node-local-dns rules).
     pub fn our_raw_rules(&self, v6: bool) -> Result<Vec<String>, HarnessError> {
         iptables::rules_matching(&self.ns, self.opts.backend, v6, "raw", "node-local-dns")

@@ -342,6 +342,29 @@ fn del_always_exits_0_silently_and_leaves_node_state() {
 }
 
 #[test]
+fn add_works_with_a_path_without_sbin() {
+    let (fx, ns) = (Fixture::new(), Netns::new());
+    let mut cfg = fx.config("1.0.0", json!({}));
+    cfg["prevResult"] = prev_result("1.0.0");
+    // Fail-open would hide a setup failure in the exit code: the node state tells.
+    let inv = Invocation::new("ADD", &cfg);
+    let mut child = inv
+        .command(Some(&ns))
+        .env("PATH", "/usr/bin:/bin")
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(inv.stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_node_state_once(&ns, "iptables-nft", CLUSTER);
+}
+
+#[test]
 fn status_and_gc_exit_0_silently() {
     let fx = Fixture::new();
     let mut gc = fx.config("1.1.0", json!({}));

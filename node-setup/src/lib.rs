@@ -413,7 +413,23 @@ pub fn teardown_node(cfg: &NodeConfig) -> Result<(), SetupError> {
     let backend = rules::resolve_backend(cfg.backend)?;
     let links = Netlink::open()?;
     let _guard = lock::acquire(&cfg.lock_path, cfg.lock_timeout)?;
-    teardown_with(cfg, &links, &Iptables::new(backend))
+    teardown_with(cfg, &links, &Iptables::new(backend))?;
+    // Rules left in the other backend (the node switched backends since they were added)
+    // would keep steering DNS after uninstall. Best effort: that backend may not exist.
+    let other = match backend {
+        Backend::Legacy => Backend::Nft,
+        Backend::Nft => Backend::Legacy,
+    };
+    for family in families_of(cfg) {
+        if let Err(e) = rules::remove_ours(&Iptables::new(other), family) {
+            tracing::debug!(error = %e, backend = other.name(), "no rules removed from the other backend");
+        }
+    }
+    Ok(())
+}
+
+fn families_of(cfg: &NodeConfig) -> std::collections::BTreeSet<Family> {
+    cfg.cluster_dns.iter().map(Family::of).collect()
 }
 
 fn teardown_with(
@@ -421,9 +437,7 @@ fn teardown_with(
     links: &dyn Links,
     table: &dyn RuleTable,
 ) -> Result<(), SetupError> {
-    let families: std::collections::BTreeSet<Family> =
-        cfg.cluster_dns.iter().map(Family::of).collect();
-    for family in families {
+    for family in families_of(cfg) {
         rules::remove_ours(table, family)?;
     }
     if let Some(link) = links.dump(&cfg.interface)?.link(&cfg.interface) {

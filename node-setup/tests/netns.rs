@@ -317,7 +317,10 @@ fn teardown_removes_interface_and_rules() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(IptablesBackend::Nft, &[CLUSTER_V4, CLUSTER_V6], &dir);
         ensure_node(&c).unwrap();
+        // Rules the node got under the other backend go too.
+        ensure_node(&cfg(IptablesBackend::Legacy, &[CLUSTER_V4], &dir)).unwrap();
         teardown_node(&c).unwrap();
+        assert!(ours(&raw_rules(IptablesBackend::Legacy, false)).is_empty());
         assert!(ours(&raw_rules(IptablesBackend::Nft, false)).is_empty());
         assert!(ours(&raw_rules(IptablesBackend::Nft, true)).is_empty());
         assert!(!sh("ip", &["-o", "link"]).contains("nodelocaldns"));

@@ -69,16 +69,16 @@ impl NodeFs {
         let hostrun = dir.join("hostrun");
         let script = format!(
             "set -e
-mount --bind /run {hostrun}
-mount -t tmpfs nlde-run /run
+mount -n --bind /run {hostrun}
+mount -n -t tmpfs nlde-run /run
 touch /run/xtables.lock
-mount --bind {hostrun}/xtables.lock /run/xtables.lock
+mount -n --bind {hostrun}/xtables.lock /run/xtables.lock
 mkdir -p /run/netns
-mount -t tmpfs nlde-varlib /var/lib
+mount -n -t tmpfs nlde-varlib /var/lib
 mkdir -p /var/lib/cni
-mount -t tmpfs nlde-varlog /var/log
-mount -t tmpfs nlde-cniconf {CNI_CONF_DIR}
-mount -t tmpfs nlde-opt /opt
+mount -n -t tmpfs nlde-varlog /var/log
+mount -n -t tmpfs nlde-cniconf {CNI_CONF_DIR}
+mount -n -t tmpfs nlde-opt /opt
 mkdir -p {CNI_BIN_DIR}
 for p in /usr/lib/cni/*; do ln -s $p {CNI_BIN_DIR}/; done",
             hostrun = hostrun.display()
@@ -483,7 +483,7 @@ impl Pod {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/proc/{}/ns/net", self.pid))
             .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
-            .arg("mount -t tmpfs nlde /mnt && cp \"$0\" /mnt/resolv.conf && mount --bind /mnt/resolv.conf /etc/resolv.conf && exec \"$@\"")
+            .arg("mount -n -t tmpfs nlde /mnt && cp \"$0\" /mnt/resolv.conf && mount -n --bind /mnt/resolv.conf /etc/resolv.conf && exec \"$@\"")
             .arg(&resolv)
             .args(args);
         output_of(&mut cmd)

@@ -80,6 +80,22 @@ fn describe(r: &LoadReport) -> String {
     )
 }
 
+/// `getent hosts web` (AAAA first, as gethostbyname does) and `getent ahostsv4 web`: the
+/// short name reaches the Service through the pod's search path.
+fn glibc_resolves_web(pod: &Pod) {
+    let hosts = pod
+        .exec_host_tool(&["getent", "hosts", "web"])
+        .expect("getent hosts web");
+    assert!(
+        hosts.contains("fd00:100::1") && hosts.contains(WEB),
+        "{hosts}"
+    );
+    let v4 = pod
+        .exec_host_tool(&["getent", "ahostsv4", "web"])
+        .expect("getent ahostsv4 web");
+    assert!(v4.contains("10.100.0.1"), "{v4}");
+}
+
 /// Test 1: glibc (search path) and dig lookups are answered by the cache: the cache
 /// metrics move and the cluster DNS pods see only the first miss.
 fn lookups_served_by_cache(backend: Backend) {
@@ -88,10 +104,7 @@ fn lookups_served_by_cache(backend: Backend) {
     sim.node.count_name(WEB).unwrap();
     sim.node.count_name(WWW).unwrap();
     // Warm the cache: the short name goes through the search path (ndots:5) to the Service.
-    let warm = pod
-        .exec_host_tool(&["getent", "ahostsv4", "web"])
-        .expect("getent web");
-    assert!(warm.contains("10.100.0.1"), "{warm}");
+    glibc_resolves_web(&pod);
     let ext = pod
         .exec_host_tool(&["dig", "+short", "+tries=1", "+time=3", WWW])
         .expect("dig");
@@ -105,10 +118,7 @@ fn lookups_served_by_cache(backend: Backend) {
     let before = sim.daemon().unwrap().metrics().expect("metrics");
 
     for _ in 0..10 {
-        let out = pod
-            .exec_host_tool(&["getent", "ahostsv4", "web"])
-            .expect("getent web");
-        assert!(out.contains("10.100.0.1"), "{out}");
+        glibc_resolves_web(&pod);
         let out = pod
             .exec_host_tool(&["dig", "+short", "+tries=1", "+time=3", WWW])
             .expect("dig");

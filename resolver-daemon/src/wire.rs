@@ -237,11 +237,11 @@ pub fn write_error_response(
 /// eight bits of `rcode` and the DO bit (RFC 3225: copied from the query).
 pub fn write_opt_record(out: &mut Vec<u8>, rcode: u16, dnssec_ok: bool) {
     let ttl = (u32::from((rcode >> 4) as u8) << 24) | if dnssec_ok { EDNS_DO } else { 0 };
-    out.push(0); // root name
-    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-    out.extend_from_slice(&OUR_UDP_SIZE.to_be_bytes());
-    out.extend_from_slice(&ttl.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
+    let [type_hi, type_lo] = TYPE_OPT.to_be_bytes();
+    let [size_hi, size_lo] = OUR_UDP_SIZE.to_be_bytes();
+    let [t0, t1, t2, t3] = ttl.to_be_bytes();
+    // root name, TYPE, CLASS (= UDP size), TTL (= ext rcode, version, flags), RDLENGTH 0
+    out.extend_from_slice(&[0, type_hi, type_lo, size_hi, size_lo, t0, t1, t2, t3, 0, 0]);
 }
 
 /// Best-effort read of the question bytes and EDNS of a query that `parse_query` refused.
@@ -423,13 +423,6 @@ pub(crate) fn skip_name(buf: &[u8], start: usize) -> Option<usize> {
             }
             _ => return None,
         }
-    }
-}
-
-/// ASCII-lowercases a name into `dst` (DNS names compare case-insensitively, RFC 4343).
-pub(crate) fn lowercase_into(name: &[u8], dst: &mut [u8]) {
-    for (d, s) in dst.iter_mut().zip(name) {
-        *d = s.to_ascii_lowercase();
     }
 }
 

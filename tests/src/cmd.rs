@@ -56,3 +56,14 @@ pub fn signal_pid(pid: i32, sig: nix::sys::signal::Signal) -> Result<(), Harness
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
         .map_err(|e| HarnessError::Other(format!("kill -{sig} {pid}: {e}")))
 }
+
+/// A child process that is killed (by its PID) and reaped when the guard is dropped, so a
+/// failing test never leaves it running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_child(&mut self.0);
+    }
+}

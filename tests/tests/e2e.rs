@@ -414,7 +414,7 @@ fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadR
         "{rules:#?}"
     );
     sim.daemon().unwrap().kill9();
-    let mut dnsmasq = std::process::Command::new("ip")
+    let dnsmasq = std::process::Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -432,6 +432,7 @@ fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadR
             "--port=53",
         ])
         .spawn()
+        .map(simnode::cmd::KillOnDrop)
         .expect("dnsmasq");
     // dnsmasq answers on the node's own addresses: prove it is listening before relying on it.
     let node_ip = SocketAddr::from(([192, 168, 200, 2], 53));
@@ -450,8 +451,7 @@ fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadR
         simnode::dns::run_load(&load(cluster_dns(), WEB, "10.100.0.1", 1, PortMode::Fresh))
     })
     .unwrap();
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
+    drop(dnsmasq);
     assert_eq!(
         probe.map(|a| a.addrs),
         Ok(vec![ip("6.6.6.6")]),

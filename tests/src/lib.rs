@@ -201,6 +201,16 @@ impl SimNode {
         self.runtime.run_pod(namespace, ns)
     }
 
+    /// Starts a pod whose resolv.conf names `nameserver` (e.g. the IPv6 ClusterIP, as the
+    /// kubelet writes it on an IPv6-first dual-stack cluster).
+    pub fn run_pod_with_nameserver(
+        &mut self,
+        namespace: &str,
+        nameserver: IpAddr,
+    ) -> Result<Pod, HarnessError> {
+        self.runtime.run_pod(namespace, nameserver)
+    }
+
     /// Options for the next daemon instance: fresh metrics/health ports, so an old and a new
     /// instance can overlap as in a rolling update.
     pub fn daemon_options(&mut self) -> DaemonOptions {

@@ -539,6 +539,26 @@ fn dual_stack(backend: Backend) {
         m.sum("coredns_dns_requests_total", &["dns://[fd00::a]:53"]) >= 20.0,
         "IPv6 listener counted"
     );
+    // glibc in a pod whose resolv.conf names the IPv6 ClusterIP, through the search path.
+    let pod6 = sim
+        .run_pod_with_nameserver("default", ip("fd00::a"))
+        .expect("pod with IPv6 nameserver");
+    assert!(pod6.resolv_conf().unwrap().contains("nameserver fd00::a"));
+    let out = pod6
+        .exec_host_tool(&["getent", "hosts", "web"])
+        .expect("getent over IPv6");
+    assert!(out.contains("fd00:100::1"), "{out}");
+    let v6_requests = |sim: &mut SimNode| {
+        let m = sim.daemon().unwrap().metrics().unwrap();
+        m.sum("coredns_dns_requests_total", &["dns://[fd00::a]:53"])
+    };
+    let before = v6_requests(&mut sim);
+    pod6.exec_host_tool(&["getent", "hosts", "web"])
+        .expect("getent over IPv6");
+    assert!(
+        v6_requests(&mut sim) > before,
+        "glibc's query reached the IPv6 listener"
+    );
     sim.daemon().unwrap().kill9();
     let fallback = query(&pod, v6, DB, TYPE_A).expect("IPv6 fallback through DNAT");
     assert_eq!(fallback.addrs, vec![ip("10.100.0.2")]);

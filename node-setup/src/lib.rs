@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod desired;
+mod legacy;
 pub mod links;
 mod lock;
 mod nftgen;
@@ -255,6 +256,11 @@ impl LockSpec<'_> {
     }
 }
 
+/// Beside the lock: the last `auto` backend answer and what it was based on.
+fn backend_cache_path(cfg: &NodeConfig) -> PathBuf {
+    cfg.lock_path.with_extension("backend")
+}
+
 /// What the verified file holds when `desired`'s rules were complete at generation `stamp`.
 fn verified_key(stamp: &str, desired: &DesiredState) -> String {
     let mut key = format!("{stamp}\n");
@@ -378,7 +384,7 @@ fn repair_links(
 pub fn ensure_node(cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
     cfg.validate()?;
     let desired = DesiredState::from_config(cfg);
-    let backend = rules::resolve_backend(cfg.backend)?;
+    let backend = rules::resolve_backend(cfg.backend, Some(&backend_cache_path(cfg)))?;
     let links = Netlink::open()?;
     let lock = LockSpec {
         path: &cfg.lock_path,
@@ -396,7 +402,7 @@ pub fn ensure_node(cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
 pub fn check_node(cfg: &NodeConfig) -> Result<Vec<Missing>, SetupError> {
     cfg.validate()?;
     let desired = DesiredState::from_config(cfg);
-    let backend = rules::resolve_backend(cfg.backend)?;
+    let backend = rules::resolve_backend(cfg.backend, Some(&backend_cache_path(cfg)))?;
     let links = Netlink::open()?;
     let table = Iptables::new(backend);
     let lock = LockSpec {
@@ -410,7 +416,8 @@ pub fn check_node(cfg: &NodeConfig) -> Result<Vec<Missing>, SetupError> {
 /// Removes the interface and our rules (uninstall with --teardown-node only).
 pub fn teardown_node(cfg: &NodeConfig) -> Result<(), SetupError> {
     cfg.validate()?;
-    let backend = rules::resolve_backend(cfg.backend)?;
+    // Uninstall is rare: detect afresh rather than trust a remembered answer.
+    let backend = rules::resolve_backend(cfg.backend, None)?;
     let links = Netlink::open()?;
     let _guard = lock::acquire(&cfg.lock_path, cfg.lock_timeout)?;
     teardown_with(cfg, &links, &Iptables::new(backend))?;
@@ -448,7 +455,7 @@ fn teardown_with(
 
 /// The backend `Auto` resolves to on this node right now.
 pub fn detect_backend(requested: IptablesBackend) -> Result<&'static str, SetupError> {
-    rules::resolve_backend(requested).map(Backend::name)
+    rules::resolve_backend(requested, None).map(Backend::name)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The raw-table rules: which iptables backend to program, and the small trait the rest of the
 //! crate uses to read and edit rules (a real one over the iptables crate, fakes in tests).
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::desired::{self, DesiredState, Family, Rule, RuleDiff, SavedRule, TABLE, diff_rules};
@@ -68,28 +69,48 @@ pub trait RuleTable {
     }
 }
 
-/// Resolves `Auto` by looking at the tables kube-proxy and kubelet write.
-pub fn resolve_backend(requested: IptablesBackend) -> Result<Backend, SetupError> {
+/// Resolves `Auto` by looking at the tables kube-proxy and kubelet write. `cache` (beside the
+/// lock) remembers the last answer with a stamp of what it was based on.
+pub fn resolve_backend(
+    requested: IptablesBackend,
+    cache: Option<&Path>,
+) -> Result<Backend, SetupError> {
     match requested {
         IptablesBackend::Legacy => Ok(Backend::Legacy),
         IptablesBackend::Nft => Ok(Backend::Nft),
-        IptablesBackend::Auto => detect_backend(),
+        IptablesBackend::Auto => detect_backend(cache),
     }
 }
 
 /// kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY and kube-proxy's KUBE-PROXY-CANARY live in
 /// the small mangle table, so it is read first; the (large) nat table only breaks a 0:0 tie.
 ///
-/// Fast path: when this namespace has no legacy mangle or nat table loaded (the kernel lists
-/// loaded legacy tables per namespace), legacy cannot have more KUBE- chains than nft, so the
-/// answer is nft without running any command.
-fn detect_backend() -> Result<Backend, SetupError> {
+/// Fast paths, so that a pod ADD does not start two `-save` processes to answer this:
+/// - no legacy mangle or nat table loaded in this namespace (the kernel lists loaded legacy
+///   tables per namespace): legacy cannot have more KUBE- chains than nft, so nft;
+/// - otherwise, when the loaded legacy tables' entry counts and sizes and the nftables
+///   generation are what they were at the last detection, its answer still holds.
+fn detect_backend(cache: Option<&Path>) -> Result<Backend, SetupError> {
     // thread-self: the namespace of this thread, which may differ from the process's.
     let loaded =
         std::fs::read_to_string("/proc/thread-self/net/ip_tables_names").unwrap_or_default();
     if !legacy_may_have_kube_chains(&loaded) {
         return Ok(Backend::Nft);
     }
+    let stamp = cache.and_then(|_| detection_stamp(&loaded));
+    if let (Some(path), Some(stamp)) = (cache, &stamp)
+        && let Some(backend) = cached_backend(path, stamp)
+    {
+        return Ok(backend);
+    }
+    let backend = count_and_pick()?;
+    if let (Some(path), Some(stamp)) = (cache, &stamp) {
+        remember_backend(path, stamp, backend);
+    }
+    Ok(backend)
+}
+
+fn count_and_pick() -> Result<Backend, SetupError> {
     for table in ["mangle", "nat"] {
         let legacy = count_kube_chains(&run_save(Backend::Legacy, Family::V4, table)?);
         let nft = count_kube_chains(&run_save(Backend::Nft, Family::V4, table)?);
@@ -98,6 +119,53 @@ fn detect_backend() -> Result<Backend, SetupError> {
         }
     }
     Ok(Backend::Nft)
+}
+
+/// What the detection depends on, read before detecting (a change in between shows up as a
+/// different stamp next time). None when a part cannot be read: then detect every time.
+fn detection_stamp(loaded: &str) -> Option<String> {
+    let mut stamp = format!("nft={}", crate::nftgen::stamp().ok()?);
+    for table in loaded
+        .lines()
+        .map(str::trim)
+        .filter(|t| matches!(*t, "mangle" | "nat"))
+    {
+        stamp.push_str(&format!(
+            " {table}={}",
+            crate::legacy::table_info(table).ok()?
+        ));
+    }
+    Some(stamp)
+}
+
+fn cached_backend(path: &Path, stamp: &str) -> Option<Backend> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (saved, backend) = text.rsplit_once('\n')?;
+    if saved != stamp {
+        return None;
+    }
+    match backend {
+        "legacy" => Some(Backend::Legacy),
+        "nft" => Some(Backend::Nft),
+        _ => None,
+    }
+}
+
+/// Best effort: without the file the next call detects again.
+fn remember_backend(path: &Path, stamp: &str, backend: Backend) {
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, format!("{stamp}\n{}", backend.name())))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
 }
 
 /// Whether the legacy tables kube-proxy and kubelet write to are loaded, from the contents

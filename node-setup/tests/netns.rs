@@ -308,6 +308,28 @@ fn auto_backend_follows_kube_proxy_chains() {
         assert_eq!(report.iptables_backend, "legacy");
         assert_everything_once(IptablesBackend::Legacy, false, CLUSTER_V4);
         assert!(ours(&raw_rules(IptablesBackend::Nft, false)).is_empty());
+        let remembered = std::fs::read_to_string(dir.path().join("setup.backend")).unwrap();
+        assert!(remembered.ends_with("\nlegacy"), "{remembered}");
+        // The answer is remembered (a doctored memory is believed while nothing changed)...
+        let c = cfg(IptablesBackend::Auto, &[CLUSTER_V4], &dir);
+        let path = dir.path().join("setup.backend");
+        std::fs::write(&path, remembered.replace("\nlegacy", "\nnft")).unwrap();
+        assert_eq!(ensure_node(&c).unwrap().iptables_backend, "nft");
+        // ...but any change on either side makes it detect again (that ensure changed nft).
+        assert_eq!(ensure_node(&c).unwrap().iptables_backend, "legacy");
+        for chain in [
+            "KUBE-IPTABLES-HINT",
+            "KUBE-KUBELET-CANARY",
+            "KUBE-PROXY-CANARY",
+        ] {
+            sh("iptables-nft", &["-w", "-t", "mangle", "-N", chain]);
+        }
+        assert_eq!(ensure_node(&c).unwrap().iptables_backend, "nft");
+        assert_everything_once(IptablesBackend::Nft, false, CLUSTER_V4);
+        for chain in ["KUBE-PROXY-CANARY", "KUBE-EXTRA"] {
+            sh("iptables-legacy", &["-w", "-t", "mangle", "-N", chain]);
+        }
+        assert_eq!(ensure_node(&c).unwrap().iptables_backend, "legacy");
     });
 }
 

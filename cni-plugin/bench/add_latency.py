@@ -114,8 +114,9 @@ def main():
     # Variants are interleaved round-robin, each in a namespace of its own, so load from
     # other work on the machine hits them all alike.
     with tempfile.TemporaryDirectory() as tmp:
-        def ours(backend):
-            return lambda i: run_add(binary, ours_config(f"{tmp}/{backend}", backend), f"pod{i}")
+        def ours(variant):
+            backend = variant.split("-")[0]
+            return lambda i: run_add(binary, ours_config(f"{tmp}/{variant}", backend), f"pod{i}")
 
         fast = {
             "node-local-dns VERSION (process start floor)":
@@ -123,12 +124,17 @@ def main():
             "node-local-dns ADD, fast path (auto -> nft)": ours("auto"),
             "node-local-dns ADD, fast path (nft)": ours("nft"),
             "node-local-dns ADD, fast path (legacy)": ours("legacy"),
+            "node-local-dns ADD, fast path (auto -> legacy node)": ours("auto-legacy"),
             "portmap ADD, no portMappings":
                 lambda i: run_add(portmap, portmap_config(False), f"pod{i}"),
             "portmap ADD, one portMapping (new pod each ADD)":
                 lambda i: run_add(portmap, portmap_config(True), f"pod{i}"),
         }
         namespaces = {name: enter_new_netns() for name in fast}
+        # A node whose kubelet/kube-proxy use legacy: their canary chains in legacy mangle.
+        enter(namespaces["node-local-dns ADD, fast path (auto -> legacy node)"])
+        for chain in ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY", "KUBE-PROXY-CANARY"]:
+            subprocess.run(["iptables-legacy", "-w", "-t", "mangle", "-N", chain], check=True)
         for name, fn in fast.items():  # warm-up: sets the node up once
             enter(namespaces[name])
             fn(-1)

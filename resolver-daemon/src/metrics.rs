@@ -60,9 +60,9 @@ pub fn rcode_label(rcode: u16) -> &'static str {
         r => RCODES.get(r as usize).copied().unwrap_or("other"),
     }
 }
-const RCODE_SLOTS: usize = RCODES.len() + 2; // + BADVERS + other
+pub const RCODE_SLOTS: usize = RCODES.len() + 2; // + BADVERS + other
 
-fn rcode_slot(rcode: u16) -> usize {
+pub fn rcode_slot(rcode: u16) -> usize {
     match rcode {
         16 => RCODES.len(),
         r if (r as usize) < RCODES.len() => r as usize,
@@ -70,7 +70,7 @@ fn rcode_slot(rcode: u16) -> usize {
     }
 }
 
-fn slot_label(slot: usize) -> &'static str {
+pub fn slot_label(slot: usize) -> &'static str {
     match slot {
         s if s < RCODES.len() => RCODES[s],
         s if s == RCODES.len() => "BADVERS",
@@ -138,6 +138,67 @@ pub struct ForwardMetrics {
     pub max_concurrent_rejects: IntCounter,
     pub healthcheck_broken: IntCounter,
     pub healthy: IntGaugeVec,
+}
+
+impl ForwardMetrics {
+    /// Pre-resolved handles for one upstream (label lookups stay off the miss path).
+    pub fn upstream(&self, to: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            requests: self.requests.with_label_values(&[to]),
+            duration: self.duration.with_label_values(&[to]),
+            by_rcode: (0..RCODE_SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            healthy: self.healthy.with_label_values(&[to]),
+            healthcheck_failures: self.healthcheck_failures.with_label_values(&[to]),
+            proxy_healthcheck_failures: self
+                .proxy_healthcheck_failures
+                .with_label_values(&["forward", to]),
+            families: self.clone(),
+            to: to.to_string(),
+        }
+    }
+}
+
+/// The `to="IP:PORT"` series of one upstream.
+pub struct UpstreamMetrics {
+    pub requests: IntCounter,
+    pub duration: Histogram,
+    /// Per-rcode series, created on first use (as CoreDNS does) and then kept.
+    by_rcode: Vec<std::sync::OnceLock<(IntCounter, Histogram)>>,
+    pub healthy: IntGauge,
+    pub healthcheck_failures: IntCounter,
+    pub proxy_healthcheck_failures: IntCounter,
+    families: ForwardMetrics,
+    to: String,
+}
+
+impl std::fmt::Debug for UpstreamMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamMetrics")
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+impl UpstreamMetrics {
+    pub fn response(&self, rcode: u16, secs: f64) {
+        let slot = rcode_slot(rcode);
+        let (count, hist) = self.by_rcode[slot].get_or_init(|| {
+            let label = slot_label(slot);
+            (
+                self.families
+                    .responses
+                    .with_label_values(&[&self.to, label]),
+                self.families
+                    .proxy_duration
+                    .with_label_values(&["forward", &self.to, label]),
+            )
+        });
+        count.inc();
+        hist.observe(secs);
+        self.duration.observe(secs);
+    }
 }
 
 fn duration_buckets() -> Vec<f64> {

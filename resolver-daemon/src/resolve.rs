@@ -333,8 +333,9 @@ pub fn servfail(pkt: &[u8], q: &Query<'_>) -> Reply {
 /// An upstream reply the cache did not keep (SERVFAIL, no-SOA negative, ...), made this
 /// client's: its ID, its question's letter case, no OPT unless it sent EDNS, TC when too big.
 pub fn rewrite_for_client(resp: &[u8], q: &Query<'_>, limit: usize) -> Option<Vec<u8>> {
+    // The cache did not vouch for this reply: it must at least be a well-formed message.
+    let mut msg = hickory_proto::op::Message::from_vec(resp).ok()?;
     let mut out = if q.edns.is_none() && has_additional(resp) {
-        let mut msg = hickory_proto::op::Message::from_vec(resp).ok()?;
         msg.edns = None;
         msg.to_vec().ok()?
     } else {

@@ -2,22 +2,24 @@
 //!
 //! Every upstream query gets a fresh random ID and a fresh socket (random source port), bound
 //! to the source chosen by `sockets::upstream_bind_source`. A reply counts only if it comes
-//! from the upstream (connected socket), carries our ID, QR=1 and our exact question, and
-//! parses as a DNS message (hickory-proto); anything else is ignored and never cached.
+//! from the upstream (connected socket) and carries our ID, QR=1 and our exact question;
+//! anything else is ignored and never cached.
 
 use crate::config::UpstreamProto;
-use crate::metrics::{ForwardMetrics, rcode_label};
+use crate::metrics::{ForwardMetrics, UpstreamMetrics};
 use crate::wire::Query;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 const EDNS_SIZE: u16 = 1232;
-const MAX_UDP_REPLY: usize = 65_535;
+/// Upstreams are told 1232 (EDNS); anything over this is not a reply we want.
+const MAX_UDP_REPLY: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -44,6 +46,8 @@ pub struct Upstream {
     answered: AtomicBool,
     /// Replies dropped because source/ID/question did not match (for tests and logs).
     pub mismatched: AtomicU64,
+    /// Set once by `Forwarder::new`.
+    metrics: OnceLock<UpstreamMetrics>,
 }
 
 impl Upstream {
@@ -56,6 +60,7 @@ impl Upstream {
             healthy: AtomicBool::new(true),
             answered: AtomicBool::new(false),
             mismatched: AtomicU64::new(0),
+            metrics: OnceLock::new(),
         }
     }
 
@@ -67,12 +72,14 @@ impl Upstream {
         self.answered.load(Ordering::Relaxed)
     }
 
-    fn mark(&self, ok: bool, m: &ForwardMetrics) {
-        self.healthy.store(ok, Ordering::Relaxed);
-        if ok {
+    fn mark(&self, ok: bool) {
+        let was = self.healthy.swap(ok, Ordering::Relaxed);
+        if ok && !self.answered.load(Ordering::Relaxed) {
             self.answered.store(true, Ordering::Relaxed);
         }
-        m.healthy.with_label_values(&[&self.label]).set(ok as i64);
+        if let Some(m) = self.metrics.get().filter(|_| was != ok) {
+            m.healthy.set(ok as i64);
+        }
     }
 }
 
@@ -135,13 +142,9 @@ impl Forwarder {
             .iter()
             .chain(external.iter().flat_map(|s| s.upstreams.iter()))
         {
-            metrics.healthy.with_label_values(&[&u.label]).set(1);
-            // Zero-valued series from the start, so rate() and alerts see them.
-            metrics.healthcheck_failures.with_label_values(&[&u.label]);
-            metrics
-                .proxy_healthcheck_failures
-                .with_label_values(&["forward", &u.label]);
-            metrics.requests.with_label_values(&[&u.label]);
+            let m = metrics.upstream(&u.label);
+            m.healthy.set(1);
+            let _ = u.metrics.set(m);
         }
         let slots = Arc::new(Semaphore::new(cfg.max_concurrent));
         Self {
@@ -186,7 +189,7 @@ impl Forwarder {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream attempt failed");
-                    up.mark(false, &self.metrics);
+                    up.mark(false);
                     last = e;
                 }
             }
@@ -196,23 +199,15 @@ impl Forwarder {
 
     async fn attempt(&self, up: &Upstream, q: &Query<'_>) -> Result<Vec<u8>, ForwardError> {
         let started = Instant::now();
-        self.metrics.requests.with_label_values(&[&up.label]).inc();
+        if let Some(m) = up.metrics.get() {
+            m.requests.inc();
+        }
         let reply = exchange(up, q, self.cfg.proto, self.cfg.timeout).await?;
-        let rcode = rcode_label(reply.get(3).map(|b| (b & 0xf) as u16).unwrap_or(0));
-        let secs = started.elapsed().as_secs_f64();
-        self.metrics
-            .responses
-            .with_label_values(&[&up.label, rcode])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[&up.label])
-            .observe(secs);
-        self.metrics
-            .proxy_duration
-            .with_label_values(&["forward", &up.label, rcode])
-            .observe(secs);
-        up.mark(true, &self.metrics);
+        if let Some(m) = up.metrics.get() {
+            let rcode = reply.get(3).map(|b| (b & 0xf) as u16).unwrap_or(0);
+            m.response(rcode, started.elapsed().as_secs_f64());
+        }
+        up.mark(true);
         Ok(reply)
     }
 
@@ -234,18 +229,12 @@ impl Forwarder {
                 let ok = exchange(up, &q, self.cfg.proto, self.cfg.timeout)
                     .await
                     .is_ok();
-                if !ok {
-                    self.metrics
-                        .healthcheck_failures
-                        .with_label_values(&[&up.label])
-                        .inc();
-                    self.metrics
-                        .proxy_healthcheck_failures
-                        .with_label_values(&["forward", &up.label])
-                        .inc();
+                if let Some(m) = up.metrics.get().filter(|_| !ok) {
+                    m.healthcheck_failures.inc();
+                    m.proxy_healthcheck_failures.inc();
                 }
                 all_failed &= !ok;
-                up.mark(ok, &self.metrics);
+                up.mark(ok);
             }
             if all_failed {
                 self.metrics.healthcheck_broken.inc();
@@ -382,8 +371,9 @@ pub fn is_truncated(reply: &[u8]) -> bool {
     reply.get(2).is_some_and(|b| b & 0x02 != 0)
 }
 
-/// ID, QR=1, opcode QUERY, exactly our question (name case-insensitively), and a message
-/// that parses as a whole.
+/// ID, QR=1, opcode QUERY and exactly our question (name case-insensitively). The rest of
+/// the message is validated by whoever uses it: the cache's parser before caching, hickory-proto
+/// (`resolve::rewrite_for_client`) before passing an uncached reply on.
 pub fn reply_matches(reply: &[u8], q: &Query<'_>, id: u16) -> bool {
     if reply.len() < 12 || u16::from_be_bytes([reply[0], reply[1]]) != id {
         return false;
@@ -404,7 +394,6 @@ pub fn reply_matches(reply: &[u8], q: &Query<'_>, id: u16) -> bool {
     name.eq_ignore_ascii_case(q.qname)
         && tc[..2] == q.qtype.to_be_bytes()
         && tc[2..] == q.qclass.to_be_bytes()
-        && hickory_proto::op::Message::from_vec(reply).is_ok()
 }
 
 /// Whether a wire-format name is the cluster domain, below it, or a reverse zone (which the

@@ -24,36 +24,58 @@ pub(super) struct CacheKey {
 
 impl CacheKey {
     pub(super) fn new(q: &Query<'_>, seed: u64) -> Self {
-        let mut bytes = [0u8; KEY_MAX];
-        // `parse_query` guarantees qname.len() <= MAX_NAME_LEN; clamp anyway so a
-        // hand-built Query cannot index out of bounds.
-        let name_len = q.qname.len().min(MAX_NAME_LEN);
-        let len = FIXED_LEN + name_len;
-        bytes[HASH_LEN] =
+        let flags =
             (u8::from(q.dnssec_ok()) * FLAG_DO) | (u8::from(q.checking_disabled()) * FLAG_CD);
-        bytes[HASH_LEN + 1..HASH_LEN + 3].copy_from_slice(&q.qtype.to_be_bytes());
-        bytes[HASH_LEN + 3..FIXED_LEN].copy_from_slice(&q.qclass.to_be_bytes());
-        bytes[FIXED_LEN..len].copy_from_slice(&q.qname[..name_len]);
-        lowercase_name(&mut bytes, name_len);
-        let hash = hash_bytes(seed, &bytes[HASH_LEN..len]);
-        bytes[..HASH_LEN].copy_from_slice(&hash.to_le_bytes());
-        Self { bytes, len }
+        let [t0, t1] = q.qtype.to_be_bytes();
+        let [c0, c1] = q.qclass.to_be_bytes();
+        let mut hasher = WordHasher::new(seed, [flags, t0, t1, c0, c1], q.qname.len());
+        let mut key = Self::fill([flags, t0, t1, c0, c1], q.qname, |word| hasher.push(word));
+        key.bytes[..HASH_LEN].copy_from_slice(&hasher.finish().to_le_bytes());
+        key
     }
 
     /// Rebuilds the key of a stored entry from its hash, flags and wire question (name as
     /// the upstream spelled it, then qtype and qclass), so entries need not hold a copy.
     pub(super) fn from_stored(hash: u64, flags: u8, question: &[u8]) -> Self {
-        let mut bytes = [0u8; KEY_MAX];
-        let name_len = question.len().saturating_sub(4).min(MAX_NAME_LEN);
-        let len = FIXED_LEN + name_len;
-        bytes[..HASH_LEN].copy_from_slice(&hash.to_le_bytes());
-        bytes[HASH_LEN] = flags;
+        let name_len = question.len().saturating_sub(4);
+        let mut fixed = [flags, 0, 0, 0, 0];
         if let Some(type_class) = question.get(name_len..name_len + 4) {
-            bytes[HASH_LEN + 1..FIXED_LEN].copy_from_slice(type_class);
+            fixed[1..].copy_from_slice(type_class);
         }
-        bytes[FIXED_LEN..len].copy_from_slice(&question[..name_len]);
-        lowercase_name(&mut bytes, name_len);
-        Self { bytes, len }
+        let mut key = Self::fill(fixed, &question[..name_len], |_| {});
+        key.bytes[..HASH_LEN].copy_from_slice(&hash.to_le_bytes());
+        key
+    }
+
+    /// Lays out everything but the hash, lowercasing the name eight bytes at a time and
+    /// handing each lowercased word to `on_word` (the hash is computed from registers, not
+    /// by reading back the bytes just stored, which would stall on store forwarding).
+    fn fill(fixed: [u8; 5], name: &[u8], mut on_word: impl FnMut(u64)) -> Self {
+        // `parse_query` guarantees name.len() <= MAX_NAME_LEN; clamp anyway so a
+        // hand-built Query cannot index out of bounds.
+        let name = &name[..name.len().min(MAX_NAME_LEN)];
+        let mut bytes = [0u8; KEY_MAX];
+        bytes[HASH_LEN..FIXED_LEN].copy_from_slice(&fixed);
+        let mut at = FIXED_LEN;
+        let mut chunks = name.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = lowercase_word(le_word(chunk));
+            bytes[at..at + 8].copy_from_slice(&word.to_le_bytes());
+            on_word(word);
+            at += 8;
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut padded = [0u8; 8];
+            padded[..rest.len()].copy_from_slice(rest);
+            let word = lowercase_word(u64::from_le_bytes(padded));
+            bytes[at..at + 8].copy_from_slice(&word.to_le_bytes());
+            on_word(word);
+        }
+        Self {
+            bytes,
+            len: FIXED_LEN + name.len(),
+        }
     }
 
     /// Length of the key for a wire name of `name_len` bytes.
@@ -77,16 +99,6 @@ impl CacheKey {
     /// with the top seven, so using either here would leave each shard's table lopsided.
     pub(super) fn shard_index(&self, shard_count: usize) -> usize {
         (self.hash() >> 32) as usize & (shard_count - 1)
-    }
-}
-
-/// ASCII-lowercases the name part of `bytes` eight bytes at a time (DNS names compare
-/// case-insensitively, RFC 4343). Bytes past the name are zero and stay zero.
-fn lowercase_name(bytes: &mut [u8; KEY_MAX], name_len: usize) {
-    for word in bytes[FIXED_LEN..FIXED_LEN + name_len.next_multiple_of(8)].chunks_exact_mut(8) {
-        let mut le = [0u8; 8];
-        le.copy_from_slice(word);
-        word.copy_from_slice(&lowercase_word(u64::from_le_bytes(le)).to_le_bytes());
     }
 }
 
@@ -127,64 +139,50 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
     (product as u64) ^ ((product >> 64) as u64)
 }
 
-/// Fast seeded hash of a short byte string (cache keys are 5..=260 bytes after the hash
-/// slot): one 128-bit multiply per 16 bytes, as foldhash does.
-pub(super) fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
-    let mut state = seed ^ (data.len() as u64).wrapping_mul(K0);
-    let mut chunks = data.chunks_exact(16);
-    for chunk in &mut chunks {
-        let (lo, hi) = split_words(chunk);
-        state = folded_multiply(lo ^ state, hi ^ K1 ^ seed);
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut padded = [0u8; 16];
-        padded[..rest.len()].copy_from_slice(rest);
-        let (lo, hi) = split_words(&padded);
-        state = folded_multiply(lo ^ state, hi ^ K2 ^ seed);
-    }
-    folded_multiply(state ^ seed.rotate_left(23), K0)
+/// Fast seeded hash over 8-byte words: one 128-bit multiply per two words, as foldhash
+/// does, so a typical cluster name (40-60 bytes) costs three or four multiplies.
+struct WordHasher {
+    seed: u64,
+    state: u64,
+    pending: Option<u64>,
 }
 
-/// The two little-endian words of a 16-byte chunk.
-fn split_words(chunk: &[u8]) -> (u64, u64) {
-    let mut lo = [0u8; 8];
-    let mut hi = [0u8; 8];
-    lo.copy_from_slice(&chunk[..8]);
-    hi.copy_from_slice(&chunk[8..16]);
-    (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn word_lowercase_matches_ascii_lowercase_for_every_byte() {
-        for byte in 0..=255u8 {
-            let word = u64::from_le_bytes([byte, 0, b'Z', byte, 0xff, b'A', b'@', byte]);
-            let mut expected = word.to_le_bytes();
-            expected.make_ascii_lowercase();
-            assert_eq!(
-                lowercase_word(word).to_le_bytes(),
-                expected,
-                "byte {byte:#x}"
-            );
+impl WordHasher {
+    fn new(seed: u64, fixed: [u8; 5], name_len: usize) -> Self {
+        let mut word = [0u8; 8];
+        word[..5].copy_from_slice(&fixed);
+        word[5] = name_len as u8;
+        let state = folded_multiply(u64::from_le_bytes(word) ^ seed, K0);
+        Self {
+            seed,
+            state,
+            pending: None,
         }
     }
 
-    #[test]
-    fn hash_depends_on_every_byte_and_the_seed() {
-        let data: Vec<u8> = (0..40).collect();
-        let base = hash_bytes(1, &data);
-        assert_ne!(base, hash_bytes(2, &data));
-        for i in 0..data.len() {
-            let mut changed = data.clone();
-            changed[i] ^= 1;
-            assert_ne!(base, hash_bytes(1, &changed), "byte {i}");
+    fn push(&mut self, word: u64) {
+        match self.pending.take() {
+            None => self.pending = Some(word),
+            Some(first) => {
+                self.state = folded_multiply(first ^ self.state, word ^ K1 ^ self.seed);
+            }
         }
-        assert_ne!(base, hash_bytes(1, &data[..39]));
     }
+
+    fn finish(self) -> u64 {
+        let state = match self.pending {
+            Some(last) => folded_multiply(last ^ self.state, K2 ^ self.seed),
+            None => self.state,
+        };
+        folded_multiply(state ^ self.seed.rotate_left(23), K0)
+    }
+}
+
+/// Little-endian word from an 8-byte chunk.
+fn le_word(chunk: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(chunk);
+    u64::from_le_bytes(word)
 }
 
 /// `BuildHasher` for maps keyed by `CacheKey` bytes: the hash is already the key's prefix.
@@ -208,5 +206,65 @@ impl Hasher for PrehashedHasher {
     fn write_usize(&mut self, _len: usize) {}
     fn finish(&self) -> u64 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_lowercase_matches_ascii_lowercase_for_every_byte() {
+        for byte in 0..=255u8 {
+            let word = u64::from_le_bytes([byte, 0, b'Z', byte, 0xff, b'A', b'@', byte]);
+            let mut expected = word.to_le_bytes();
+            expected.make_ascii_lowercase();
+            assert_eq!(
+                lowercase_word(word).to_le_bytes(),
+                expected,
+                "byte {byte:#x}"
+            );
+        }
+    }
+
+    fn key(seed: u64, flags: u8, name: &[u8]) -> u64 {
+        let mut hasher = WordHasher::new(seed, [flags, 0, 1, 0, 1], name.len());
+        CacheKey::fill([flags, 0, 1, 0, 1], name, |w| hasher.push(w));
+        hasher.finish()
+    }
+
+    #[test]
+    fn hash_depends_on_every_name_byte_flags_and_the_seed() {
+        let name: Vec<u8> = (1..=40).collect();
+        let base = key(1, 0, &name);
+        assert_ne!(base, key(2, 0, &name));
+        assert_ne!(base, key(1, FLAG_DO, &name));
+        for i in 0..name.len() {
+            let mut changed = name.clone();
+            changed[i] ^= 1;
+            assert_ne!(base, key(1, 0, &changed), "byte {i}");
+        }
+        assert_ne!(base, key(1, 0, &name[..39]));
+        assert_eq!(base, key(1, 0, &name), "deterministic");
+    }
+
+    #[test]
+    fn stored_key_matches_lookup_key() {
+        let qname = b"\x03WwW\x07exAMple\x03com\x00";
+        let q = Query {
+            id: 1,
+            flags: 0x0110,
+            qname,
+            qtype: 28,
+            qclass: 1,
+            edns: None,
+            question_end: 12 + qname.len() + 4,
+        };
+        let lookup = CacheKey::new(&q, 99);
+        let mut question = b"\x03www\x07example\x03COM\x00".to_vec();
+        question.extend_from_slice(&[0, 28, 0, 1]);
+        let stored = CacheKey::from_stored(lookup.hash(), lookup.flags(), &question);
+        assert_eq!(stored.as_bytes(), lookup.as_bytes());
+        assert_eq!(lookup.flags(), FLAG_CD);
     }
 }

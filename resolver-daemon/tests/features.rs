@@ -1,0 +1,170 @@
+//! Prefetch, routing of external names to resolv.conf servers, IPv6 listeners, JSON logs.
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const A: u16 = 1;
+
+fn answering(addr: SocketAddr, ip: [u8; 4]) -> FakeUpstream {
+    let script: Arc<Script> =
+        Arc::new(move |q: &[u8]| vec![Step::Reply(reply_to(q, 0, &[ip], 300, false))]);
+    FakeUpstream::start(addr, script, None)
+}
+
+#[test]
+fn popular_entries_are_prefetched_before_they_expire() {
+    let up = answering(sa(61, UP_PORT), [192, 0, 2, 61]);
+    let d = Daemon::start(
+        60,
+        &[up.addr],
+        &[
+            "--cache-success-min-ttl",
+            "3s",
+            "--cache-success-max-ttl",
+            "3s",
+            "--prefetch-hits",
+            "3",
+            "--prefetch-percent",
+            "50",
+        ],
+    );
+    for _ in 0..5 {
+        assert_eq!(answers(&ask(d.dns, "hot.example", A)), vec!["192.0.2.61"]);
+    }
+    assert_eq!(up.count("hot.example"), 1);
+    std::thread::sleep(Duration::from_millis(1800)); // under 50 % of the 3 s TTL left
+    // Still answered from the cache; the refresh happens in the background.
+    assert_eq!(answers(&ask(d.dns, "hot.example", A)), vec!["192.0.2.61"]);
+    wait_until("prefetch upstream query", Duration::from_secs(5), || {
+        up.count("hot.example") == 2
+    });
+    assert!(metric_sum(&d.metrics(), "coredns_cache_prefetch_total", &[]) >= 1.0);
+}
+
+#[test]
+fn names_outside_the_cluster_domain_can_go_to_resolv_conf_servers() {
+    let cluster = answering(sa(63, UP_PORT), [10, 0, 0, 1]);
+    // resolv.conf has no ports: the external server listens on 53.
+    let external = answering(sa(66, 53), [192, 0, 2, 66]);
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "search svc.cluster.local\nnameserver 127.0.30.62\nnameserver 127.0.30.66\noptions ndots:5\n").unwrap();
+    let d = Daemon::start(
+        62,
+        &[cluster.addr],
+        &[
+            "--external-to-resolv-conf",
+            "--resolv-conf",
+            resolv.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        answers(&ask(d.dns, "kubernetes.default.svc.cluster.local", A)),
+        vec!["10.0.0.1"]
+    );
+    assert_eq!(
+        answers(&ask(d.dns, "1.0.0.10.in-addr.arpa", A)),
+        vec!["10.0.0.1"],
+        "reverse zones stay in-cluster"
+    );
+    assert_eq!(
+        answers(&ask(d.dns, "www.example.org", A)),
+        vec!["192.0.2.66"]
+    );
+    assert_eq!(external.count("www.example.org"), 1);
+    assert_eq!(cluster.count("www.example.org"), 0);
+    // Our own listen address (127.0.30.62) in resolv.conf was skipped: no loop, no extra query
+    // (the watchdog's NOTIFY probes count as type "other", not "A").
+    assert_eq!(metric_sum(&d.metrics(), "coredns_dns_requests_total", &["type=\"A\""]), 3.0);
+}
+
+#[test]
+fn ipv6_listeners_work_like_ipv4_ones() {
+    let up = answering(sa(65, UP_PORT), [192, 0, 2, 65]);
+    let v6: SocketAddr = "[::1]:30053".parse().unwrap();
+    let http = sa(64, HTTP_PORT);
+    let child = Command::new(BIN)
+        .args([
+            "--listen",
+            &v6.to_string(),
+            "--listen",
+            &sa(64, DNS_PORT).to_string(),
+        ])
+        .args(["--upstream", &up.addr.to_string(), "--no-node-setup"])
+        .args([
+            "--metrics-listen",
+            &http.to_string(),
+            "--health-listen",
+            &http.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _p = Proc { child };
+    wait_until("v6 listener", Duration::from_secs(15), || {
+        resolver::watchdog::probe(v6, Duration::from_millis(300))
+    });
+    assert_eq!(answers(&ask(v6, "six.example", A)), vec!["192.0.2.65"]);
+    let id = 6;
+    assert_eq!(id_of(&tcp_ask(v6, &query(id, "six.example", A, None))), id);
+    let m = http_get(http, "/metrics").1;
+    assert!(
+        metric_sum(
+            &m,
+            "coredns_dns_requests_total",
+            &["server=\"dns://[::1]:30053\"", "family=\"2\""]
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn json_logs_are_json() {
+    let up = answering(sa(68, UP_PORT), [192, 0, 2, 68]);
+    let http = sa(67, HTTP_PORT);
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            &sa(67, DNS_PORT).to_string(),
+            "--upstream",
+            &up.addr.to_string(),
+            "--no-node-setup",
+        ])
+        .args([
+            "--metrics-listen",
+            &http.to_string(),
+            "--health-listen",
+            &http.to_string(),
+        ])
+        .args(["--log-format", "json", "--log-queries"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("listener", Duration::from_secs(15), || {
+        resolver::watchdog::probe(sa(67, DNS_PORT), Duration::from_millis(300))
+    });
+    ask(sa(67, DNS_PORT), "logged.example", A);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
+        assert!(v.get("level").is_some(), "{l}");
+    }
+    assert!(
+        text.contains("query answered"),
+        "query log present:\n{text}"
+    );
+}

@@ -125,7 +125,7 @@ fn ipv6_listeners_work_like_ipv4_ones() {
 fn json_logs_are_json() {
     let up = answering(sa(68, UP_PORT), [192, 0, 2, 68]);
     let http = sa(67, HTTP_PORT);
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "--listen",
             &sa(67, DNS_PORT).to_string(),

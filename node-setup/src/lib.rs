@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod desired;
-mod legacy;
+pub mod legacy;
 pub mod links;
 mod lock;
 mod nftgen;

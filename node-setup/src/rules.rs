@@ -248,13 +248,33 @@ impl RuleTable for Iptables {
     }
 
     fn generation(&self) -> Option<String> {
-        if self.backend != Backend::Nft {
-            return None;
-        }
-        crate::nftgen::stamp()
-            .inspect_err(|e| tracing::debug!(error = %e, "no nftables generation; full check"))
+        let stamp = match self.backend {
+            Backend::Nft => crate::nftgen::stamp(),
+            Backend::Legacy => legacy_raw_stamp(),
+        };
+        stamp
+            .inspect_err(|e| tracing::debug!(error = %e, "no rules generation; full check"))
             .ok()
     }
+}
+
+/// Content stamps of the loaded legacy raw tables (IPv4 required, IPv6 when loaded).
+fn legacy_raw_stamp() -> Result<String, String> {
+    let loaded = |file: &str| {
+        std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == "raw"))
+    };
+    if !loaded("ip_tables_names") {
+        return Err("legacy raw table not loaded".into());
+    }
+    let mut stamp = format!("legacy4={}", crate::legacy::raw_table_stamp(false)?);
+    if loaded("ip6_tables_names") {
+        stamp.push_str(&format!(
+            " legacy6={}",
+            crate::legacy::raw_table_stamp(true)?
+        ));
+    }
+    Ok(stamp)
 }
 
 /// Reads one family's rules and compares them with the desired ones.

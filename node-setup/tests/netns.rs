@@ -126,10 +126,10 @@ fn deleted_rules_and_foreign_accept_are_repaired(backend: IptablesBackend) {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(backend, &[CLUSTER_V4], &dir);
         ensure_node(&c).unwrap();
-        // The second call verifies in full and, on nft, remembers the ruleset generation.
+        // The second call verifies in full and remembers the rules generation (nft) or the
+        // raw table's content stamp (legacy); the edits below must invalidate it.
         assert!(ensure_node(&c).unwrap().changes.is_empty());
-        let remembered = dir.path().join("setup.verified").exists();
-        assert_eq!(remembered, backend == IptablesBackend::Nft);
+        assert!(dir.path().join("setup.verified").exists());
         let ipt = save_cmd(backend, false);
         let rules = raw_rules(backend, false);
         let out_rule = rules.iter().find(|l| l.starts_with("-A OUTPUT")).unwrap();
@@ -361,4 +361,43 @@ fn lock_held_elsewhere_bounds_the_wait() {
         let err = ensure_node(&c).unwrap_err();
         assert_eq!(err.kind(), "lock", "{err}");
     });
+}
+
+fn legacy_stamp_ignores_counters_but_sees_rule_changes(v6: bool) {
+    in_new_netns(move || {
+        let (ipt, dst) = if v6 {
+            ("ip6tables-legacy", "::1")
+        } else {
+            ("iptables-legacy", "127.0.0.1")
+        };
+        sh("ip", &["link", "set", "lo", "up"]);
+        let rule = ["-p", "udp", "-m", "udp", "--dport", "9", "-j", "ACCEPT"];
+        sh(
+            ipt,
+            &[&["-w", "-t", "raw", "-A", "OUTPUT"][..], &rule].concat(),
+        );
+        let before = node_setup::legacy::raw_table_stamp(v6).unwrap();
+        let sock = UdpSocket::bind((dst, 0)).unwrap();
+        sock.send_to(b"counted", (dst, 9)).unwrap();
+        let counted = sh(&format!("{ipt}-save"), &["-c", "-t", "raw"]);
+        assert!(counted.contains("[1:"), "{counted}");
+        assert_eq!(node_setup::legacy::raw_table_stamp(v6).unwrap(), before);
+        // Same size, different port: the stamp must change.
+        let port10 = ["-p", "udp", "-m", "udp", "--dport", "10", "-j", "ACCEPT"];
+        sh(
+            ipt,
+            &[&["-w", "-t", "raw", "-R", "OUTPUT", "1"][..], &port10].concat(),
+        );
+        assert_ne!(node_setup::legacy::raw_table_stamp(v6).unwrap(), before);
+    });
+}
+
+#[test]
+fn legacy_stamp_ignores_counters_but_sees_rule_changes_v4() {
+    legacy_stamp_ignores_counters_but_sees_rule_changes(false);
+}
+
+#[test]
+fn legacy_stamp_ignores_counters_but_sees_rule_changes_v6() {
+    legacy_stamp_ignores_counters_but_sees_rule_changes(true);
 }

@@ -23,13 +23,19 @@ pub(super) struct CacheKey {
 }
 
 impl CacheKey {
+    const EMPTY: CacheKey = CacheKey {
+        bytes: [0; KEY_MAX],
+        len: 0,
+    };
+
     pub(super) fn new(q: &Query<'_>, seed: u64) -> Self {
         let flags =
             (u8::from(q.dnssec_ok()) * FLAG_DO) | (u8::from(q.checking_disabled()) * FLAG_CD);
         let [t0, t1] = q.qtype.to_be_bytes();
         let [c0, c1] = q.qclass.to_be_bytes();
         let mut hasher = WordHasher::new(seed, [flags, t0, t1, c0, c1], q.qname.len());
-        let mut key = Self::fill([flags, t0, t1, c0, c1], q.qname, |word| hasher.push(word));
+        let mut key = Self::EMPTY;
+        key.fill([flags, t0, t1, c0, c1], q.qname, |word| hasher.push(word));
         key.bytes[..HASH_LEN].copy_from_slice(&hasher.finish().to_le_bytes());
         key
     }
@@ -42,7 +48,8 @@ impl CacheKey {
         if let Some(type_class) = question.get(name_len..name_len + 4) {
             fixed[1..].copy_from_slice(type_class);
         }
-        let mut key = Self::fill(fixed, &question[..name_len], |_| {});
+        let mut key = Self::EMPTY;
+        key.fill(fixed, &question[..name_len], |_| {});
         key.bytes[..HASH_LEN].copy_from_slice(&hash.to_le_bytes());
         key
     }
@@ -50,11 +57,13 @@ impl CacheKey {
     /// Lays out everything but the hash, lowercasing the name eight bytes at a time and
     /// handing each lowercased word to `on_word` (the hash is computed from registers, not
     /// by reading back the bytes just stored, which would stall on store forwarding).
-    fn fill(fixed: [u8; 5], name: &[u8], mut on_word: impl FnMut(u64)) -> Self {
+    /// Fills `self` in place (an `EMPTY` key): building a key in a callee and returning it
+    /// would copy all of its bytes once more.
+    fn fill(&mut self, fixed: [u8; 5], name: &[u8], mut on_word: impl FnMut(u64)) {
         // `parse_query` guarantees name.len() <= MAX_NAME_LEN; clamp anyway so a
         // hand-built Query cannot index out of bounds.
         let name = &name[..name.len().min(MAX_NAME_LEN)];
-        let mut bytes = [0u8; KEY_MAX];
+        let bytes = &mut self.bytes;
         bytes[HASH_LEN..FIXED_LEN].copy_from_slice(&fixed);
         let mut at = FIXED_LEN;
         let mut chunks = name.chunks_exact(8);
@@ -66,16 +75,16 @@ impl CacheKey {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut padded = [0u8; 8];
-            padded[..rest.len()].copy_from_slice(rest);
-            let word = lowercase_word(u64::from_le_bytes(padded));
+            // Byte by byte: a variable-length copy would be a memcpy call.
+            let padded = rest
+                .iter()
+                .enumerate()
+                .fold(0u64, |word, (i, &b)| word | (u64::from(b) << (8 * i)));
+            let word = lowercase_word(padded);
             bytes[at..at + 8].copy_from_slice(&word.to_le_bytes());
             on_word(word);
         }
-        Self {
-            bytes,
-            len: FIXED_LEN + name.len(),
-        }
+        self.len = FIXED_LEN + name.len();
     }
 
     /// Length of the key for a wire name of `name_len` bytes.
@@ -229,7 +238,8 @@ mod tests {
 
     fn key(seed: u64, flags: u8, name: &[u8]) -> u64 {
         let mut hasher = WordHasher::new(seed, [flags, 0, 1, 0, 1], name.len());
-        CacheKey::fill([flags, 0, 1, 0, 1], name, |w| hasher.push(w));
+        let mut key = CacheKey::EMPTY;
+        key.fill([flags, 0, 1, 0, 1], name, |w| hasher.push(w));
         hasher.finish()
     }
 

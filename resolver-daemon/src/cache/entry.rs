@@ -178,6 +178,17 @@ fn wire_without_opt(response: &[u8], walk: &RecordWalk) -> Vec<u8> {
     wire
 }
 
+/// An entry's state at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Freshness {
+    /// Whole seconds left (≥ 1).
+    Fresh(u32),
+    /// Expired, within the stale window: only `answer_stale` serves it.
+    Stale,
+    /// Expired for longer than the stale window: nothing can use it any more.
+    Dead,
+}
+
 /// How answer TTLs are rewritten on the way out.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum TtlRewrite {
@@ -256,20 +267,22 @@ impl Entry {
         Duration::from_secs(u64::from(self.ttl))
     }
 
-    /// Whole seconds left (≥ 1) while fresh; `None` once expired.
-    pub(super) fn remaining_ttl(&self, now: Instant) -> Option<u32> {
+    /// Where the entry stands at `now` (one clock subtraction for the whole hit path).
+    pub(super) fn freshness(&self, now: Instant, stale_window: Duration) -> Freshness {
         let age = now.saturating_duration_since(self.stored);
-        (age < self.ttl_duration()).then(|| self.ttl - age.as_secs() as u32)
-    }
-
-    /// Expired for longer than the stale window: nothing can use it any more.
-    pub(super) fn is_dead(&self, now: Instant, stale_window: Duration) -> bool {
-        now.saturating_duration_since(self.stored) >= self.ttl_duration() + stale_window
+        let ttl = self.ttl_duration();
+        if age < ttl {
+            Freshness::Fresh(self.ttl - age.as_secs() as u32)
+        } else if age < ttl + stale_window {
+            Freshness::Stale
+        } else {
+            Freshness::Dead
+        }
     }
 
     /// Counts a fresh hit; true exactly once per entry lifetime, when it was asked often
     /// enough within the window and little of its TTL is left.
-    pub(super) fn note_hit(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
+    pub(super) fn note_hit(&mut self, now: Instant, remaining: u32, cfg: &CacheConfig) -> bool {
         if now.saturating_duration_since(self.window_start) > cfg.prefetch_window {
             self.window_start = now;
             self.hits_in_window = 0;
@@ -278,9 +291,7 @@ impl Entry {
         if self.prefetch_signalled || self.hits_in_window < cfg.prefetch_hits {
             return false;
         }
-        let ttl = self.ttl_duration();
-        let left = ttl.saturating_sub(now.saturating_duration_since(self.stored));
-        if left.as_millis() * 100 < ttl.as_millis() * u128::from(cfg.prefetch_percent) {
+        if u64::from(remaining) * 100 < u64::from(self.ttl) * u64::from(cfg.prefetch_percent) {
             self.prefetch_signalled = true;
             return true;
         }

@@ -25,7 +25,7 @@ mod shard;
 mod tests;
 
 use crate::wire::Query;
-use entry::{PreparedEntry, TtlRewrite};
+use entry::{Freshness, PreparedEntry, TtlRewrite};
 use key::CacheKey;
 use shard::{Shard, ShardLimits};
 use std::sync::{Mutex, MutexGuard};
@@ -175,13 +175,12 @@ impl Cache {
     pub fn answer(&self, q: &Query<'_>, now: Instant, out: &mut Vec<u8>, limit: usize) -> Answer {
         let key = CacheKey::new(q, self.seed);
         let mut shard = self.shard(&key);
-        let Some(entry) = shard.get_mut(&key, now, self.cfg.stale_window) else {
+        let Some((entry, Freshness::Fresh(remaining))) =
+            shard.get_mut(&key, now, self.cfg.stale_window)
+        else {
             return Answer::Miss;
         };
-        let Some(remaining) = entry.remaining_ttl(now) else {
-            return Answer::Miss;
-        };
-        let prefetch = entry.note_hit(now, &self.cfg);
+        let prefetch = entry.note_hit(now, remaining, &self.cfg);
         entry.write_reply(q, TtlRewrite::CountDown(remaining), out, limit);
         Answer::Fresh {
             kind: entry.kind(),
@@ -200,12 +199,12 @@ impl Cache {
     ) -> bool {
         let key = CacheKey::new(q, self.seed);
         let mut shard = self.shard(&key);
-        let Some(entry) = shard.get_mut(&key, now, self.cfg.stale_window) else {
+        let Some((entry, freshness)) = shard.get_mut(&key, now, self.cfg.stale_window) else {
             return false;
         };
-        let ttls = match entry.remaining_ttl(now) {
-            Some(remaining) => TtlRewrite::CountDown(remaining),
-            None => TtlRewrite::Fixed(self.cfg.stale_ttl),
+        let ttls = match freshness {
+            Freshness::Fresh(remaining) => TtlRewrite::CountDown(remaining),
+            Freshness::Stale | Freshness::Dead => TtlRewrite::Fixed(self.cfg.stale_ttl),
         };
         entry.write_reply(q, ttls, out, limit);
         true

@@ -1,6 +1,6 @@
 //! One cache shard: a map from key to slab slot, and one intrusive LRU list per entry kind.
 
-use super::entry::{Entry, PreparedEntry};
+use super::entry::{Entry, Freshness, PreparedEntry};
 use super::key::{CacheKey, PrehashedState};
 use super::{CacheStats, EntryKind};
 use std::collections::HashMap;
@@ -58,21 +58,22 @@ impl Shard {
         }
     }
 
-    /// The entry for `key` if it is fresh or stale, marked most recently used. Entries past
-    /// the stale window are removed here.
+    /// The entry for `key` and its freshness if it is fresh or stale, marked most recently
+    /// used. Entries past the stale window are removed here.
     pub(super) fn get_mut(
         &mut self,
         key: &CacheKey,
         now: Instant,
         stale_window: Duration,
-    ) -> Option<&mut Entry> {
+    ) -> Option<(&mut Entry, Freshness)> {
         let slot = *self.map.get(key.as_bytes())?;
-        if self.entry(slot).is_dead(now, stale_window) {
+        let freshness = self.entry(slot).freshness(now, stale_window);
+        if freshness == Freshness::Dead {
             self.remove(slot);
             return None;
         }
         self.touch(slot);
-        self.slots[slot as usize].as_mut()
+        Some((self.entry_mut(slot), freshness))
     }
 
     /// Stores `prepared` under `key`, replacing an entry with the same key, then evicts
@@ -197,7 +198,7 @@ impl Shard {
     }
 
     fn evict(&mut self, slot: u32, now: Instant, stale_window: Duration) {
-        let dead = self.entry(slot).is_dead(now, stale_window);
+        let dead = self.entry(slot).freshness(now, stale_window) == Freshness::Dead;
         let kind = self.remove(slot);
         if !dead {
             self.evictions[kind.index()] += 1;

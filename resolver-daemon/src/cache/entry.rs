@@ -178,6 +178,15 @@ fn wire_without_opt(response: &[u8], walk: &RecordWalk) -> Vec<u8> {
     wire
 }
 
+/// The reply followed by its TTL offsets, in one allocation.
+fn entry_data(mut wire: Vec<u8>, ttl_offsets: &[u16]) -> Box<[u8]> {
+    wire.reserve_exact(2 * ttl_offsets.len());
+    for offset in ttl_offsets {
+        wire.extend_from_slice(&offset.to_ne_bytes());
+    }
+    wire.into_boxed_slice()
+}
+
 /// An entry's state at some instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Freshness {
@@ -204,14 +213,17 @@ pub(super) struct Entry {
     /// Key hash and DO/CD flags: with the stored question they rebuild the key.
     key_hash: u64,
     key_flags: u8,
-    wire: Box<[u8]>,
-    ttl_offsets: Box<[u16]>,
+    /// The reply (`wire_len` bytes) followed by its TTL offsets (u16, native endian): one
+    /// allocation per entry.
+    data: Box<[u8]>,
+    wire_len: u16,
     question_end: u16,
     kind: EntryKind,
     /// Clamped TTL in seconds, counted from `stored`.
     ttl: u32,
     stored: Instant,
-    window_start: Instant,
+    /// Entry age (seconds) when the current prefetch hit-counting window began.
+    window_start: u32,
     hits_in_window: u32,
     prefetch_signalled: bool,
     pub prev: u32,
@@ -225,14 +237,14 @@ impl Entry {
         Self {
             key_hash: key.hash(),
             key_flags: key.flags(),
-            wire: prepared.wire.into_boxed_slice(),
-            ttl_offsets: prepared.ttl_offsets.into_boxed_slice(),
             // Fits: the reply is at most 65535 bytes (checked in from_response).
+            wire_len: prepared.wire.len() as u16,
             question_end: prepared.question_end as u16,
+            data: entry_data(prepared.wire, &prepared.ttl_offsets),
             kind: prepared.kind,
             ttl,
             stored: now,
-            window_start: now,
+            window_start: 0,
             hits_in_window: 0,
             prefetch_signalled: false,
             prev: u32::MAX,
@@ -241,13 +253,23 @@ impl Entry {
         }
     }
 
+    fn wire(&self) -> &[u8] {
+        &self.data[..usize::from(self.wire_len)]
+    }
+
+    fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        self.data[usize::from(self.wire_len)..]
+            .chunks_exact(2)
+            .map(|pair| usize::from(u16::from_ne_bytes([pair[0], pair[1]])))
+    }
+
     pub(super) fn kind(&self) -> EntryKind {
         self.kind
     }
 
     /// The key this entry is stored under in its shard's map.
     pub(super) fn key(&self) -> CacheKey {
-        let question = &self.wire[HEADER_LEN..usize::from(self.question_end)];
+        let question = &self.wire()[HEADER_LEN..usize::from(self.question_end)];
         CacheKey::from_stored(self.key_hash, self.key_flags, question)
     }
 
@@ -256,11 +278,7 @@ impl Entry {
     pub(super) fn footprint(&self) -> usize {
         const MAP_SLOT: usize = size_of::<(Box<[u8]>, u32)>() + 1;
         let key_len = CacheKey::len_for_name(usize::from(self.question_end) - HEADER_LEN - 4);
-        size_of::<Self>()
-            + MAP_SLOT
-            + key_len
-            + self.wire.len()
-            + size_of::<u16>() * self.ttl_offsets.len()
+        size_of::<Self>() + MAP_SLOT + key_len + self.data.len()
     }
 
     fn ttl_duration(&self) -> Duration {
@@ -282,9 +300,11 @@ impl Entry {
 
     /// Counts a fresh hit; true exactly once per entry lifetime, when it was asked often
     /// enough within the window and little of its TTL is left.
-    pub(super) fn note_hit(&mut self, now: Instant, remaining: u32, cfg: &CacheConfig) -> bool {
-        if now.saturating_duration_since(self.window_start) > cfg.prefetch_window {
-            self.window_start = now;
+    pub(super) fn note_hit(&mut self, remaining: u32, cfg: &CacheConfig) -> bool {
+        let age = self.ttl.saturating_sub(remaining);
+        // Saturating: threads may pass slightly older instants than an earlier hit did.
+        if u64::from(age.saturating_sub(self.window_start)) > cfg.prefetch_window.as_secs() {
+            self.window_start = age;
             self.hits_in_window = 0;
         }
         self.hits_in_window = self.hits_in_window.saturating_add(1);
@@ -308,8 +328,8 @@ impl Entry {
     ) {
         let opt_len = if q.edns.is_some() { OPT_LEN } else { 0 };
         out.clear();
-        if self.wire.len() + opt_len <= limit {
-            out.extend_from_slice(&self.wire);
+        if self.wire().len() + opt_len <= limit {
+            out.extend_from_slice(self.wire());
             self.rewrite_ttls(out, ttls);
         } else {
             self.write_truncated(out);
@@ -325,7 +345,7 @@ impl Entry {
 
     /// Header and question only, TC=1: the client retries over TCP.
     fn write_truncated(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.wire[..usize::from(self.question_end)]);
+        out.extend_from_slice(&self.wire()[..usize::from(self.question_end)]);
         let flags = be16(out, 2) | flag::TC;
         put16(out, 2, flags);
         put16(out, 6, 0);
@@ -334,8 +354,7 @@ impl Entry {
     }
 
     fn rewrite_ttls(&self, out: &mut [u8], ttls: TtlRewrite) {
-        for &offset in self.ttl_offsets.iter() {
-            let at = usize::from(offset);
+        for at in self.ttl_offsets() {
             let ttl = match ttls {
                 TtlRewrite::CountDown(left) => be32(out, at).min(left),
                 TtlRewrite::Fixed(ttl) => ttl,

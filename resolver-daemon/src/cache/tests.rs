@@ -974,3 +974,34 @@ fn hits_misses_and_stale_answers_do_not_allocate() {
     assert_eq!(alloc_count::allocations() - before, 0);
     assert_eq!(hits, 200);
 }
+
+#[test]
+fn instants_older_than_the_insert_or_an_earlier_hit_are_tolerated() {
+    let cfg = CacheConfig {
+        prefetch_hits: 1,
+        ..small_config()
+    };
+    let f = Fixture::new(cfg);
+    let later = f.t0 + Duration::from_secs(10);
+    let query = query_bytes("clock.example.com.", ask());
+    let q = parse_query(&query).unwrap();
+    let response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![a("clock.example.com.", 20, 1)],
+        vec![],
+    );
+    // Inserted by one thread at t0+10; another thread's `now` was taken just before.
+    f.cache.insert(&q, &response, later);
+    let mut out = Vec::new();
+    for now in [
+        later,
+        f.t0,
+        later + Duration::from_secs(17),
+        later + Duration::from_secs(1),
+    ] {
+        assert_ne!(f.cache.answer(&q, now, &mut out, 512), Answer::Miss);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.answers[0].ttl <= 20);
+    }
+}

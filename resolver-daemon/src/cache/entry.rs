@@ -291,7 +291,7 @@ impl Entry {
         let ttl = self.ttl_duration();
         if age < ttl {
             Freshness::Fresh(self.ttl - age.as_secs() as u32)
-        } else if age < ttl + stale_window {
+        } else if age <= ttl + stale_window {
             Freshness::Stale
         } else {
             Freshness::Dead

@@ -680,9 +680,12 @@ fn stale_answers_within_the_window_only() {
         .stale("stale.example.com.", 4)
         .expect("fresh entries serve too");
     assert_eq!(ttls(&fresh), vec![6]);
-    assert!(f.stale("stale.example.com.", 10 + 3599).is_some());
     assert!(
-        f.stale("stale.example.com.", 10 + 3600).is_none(),
+        f.stale("stale.example.com.", 10 + 3600).is_some(),
+        "inclusive"
+    );
+    assert!(
+        f.stale("stale.example.com.", 10 + 3601).is_none(),
         "past the window"
     );
     assert_eq!(f.cache.stats().success_entries, 0, "dead entry removed");

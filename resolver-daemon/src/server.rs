@@ -171,6 +171,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 shutdown: shutdown.clone(),
                 log_queries: cfg.log_queries,
                 received: received.clone(),
+                coalesce: cfg.udp_coalesce,
             };
             let h = std::thread::Builder::new()
                 .name(format!("udp-{addr}-{t}"))

@@ -242,3 +242,36 @@ fn the_watchdog_exits_when_its_listener_cannot_be_reached() {
         "exited because of the watchdog:\n{err}"
     );
 }
+
+#[test]
+fn tcp_connections_past_the_cap_are_closed() {
+    let up = answering(71, Duration::ZERO);
+    let d = Daemon::start(70, &[up.addr], &["--tcp-max-connections", "1"]);
+    let mut first = std::net::TcpStream::connect(d.dns).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tcp_write(&mut first, &query(1, "cap.example", 1, None));
+    assert_eq!(
+        id_of(&tcp_read(&mut first).unwrap()),
+        1,
+        "first connection served"
+    );
+    let mut second = std::net::TcpStream::connect(d.dns).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tcp_write(&mut second, &query(2, "cap.example", 1, None));
+    assert!(
+        tcp_read(&mut second).is_none(),
+        "second connection closed without an answer"
+    );
+    drop(first);
+    // The slot is free again once the first connection is gone.
+    wait_until("slot freed", Duration::from_secs(5), || {
+        let mut c = std::net::TcpStream::connect(d.dns).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        tcp_write(&mut c, &query(3, "cap.example", 1, None));
+        tcp_read(&mut c).is_some_and(|r| id_of(&r) == 3)
+    });
+}

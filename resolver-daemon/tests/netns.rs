@@ -327,6 +327,29 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
         ) >= 1.0
     );
 
+    // The daemon's upstream query left from the node IP, never from the ClusterIP it listens
+    // on (DESIGN.md §1: that source is dropped as martian across nodes).
+    let flows = output(&[
+        "ip",
+        "netns",
+        "exec",
+        &t.node,
+        "conntrack",
+        "-L",
+        "-p",
+        "udp",
+        "--orig-dst",
+        CLUSTER_IP,
+    ]);
+    assert!(
+        flows.contains(&format!("src={NODE_IP} dst={CLUSTER_IP}")),
+        "upstream flow from the node IP:\n{flows}"
+    );
+    assert!(
+        !flows.contains(&format!("src={CLUSTER_IP} dst={CLUSTER_IP}")),
+        "{flows}"
+    );
+
     if daemon_does_setup {
         let save = output(&[
             "ip",

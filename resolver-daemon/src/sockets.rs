@@ -50,7 +50,8 @@ pub fn bind_udp(addr: SocketAddr, recv_timeout: Duration) -> Result<Socket, Sock
     Ok(s)
 }
 
-/// TCP listener on exactly `addr`, non-blocking, ready for tokio.
+/// TCP listener on exactly `addr`, non-blocking, ready for tokio. SO_REUSEPORT as for UDP:
+/// during a rolling update with maxSurge the new pod binds while the old one still listens.
 pub fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, SocketError> {
     let wrap = |what, source| SocketError { what, addr, source };
     let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))
@@ -58,6 +59,8 @@ pub fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, SocketError> 
     set_freebind(&s, &addr).map_err(|e| wrap("tcp freebind", e))?;
     s.set_reuse_address(true)
         .map_err(|e| wrap("tcp reuseaddr", e))?;
+    s.set_reuse_port(true)
+        .map_err(|e| wrap("tcp reuseport", e))?;
     s.bind(&SockAddr::from(addr))
         .map_err(|e| wrap("tcp bind", e))?;
     s.listen(1024).map_err(|e| wrap("tcp listen", e))?;

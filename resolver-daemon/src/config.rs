@@ -136,8 +136,9 @@ pub struct Args {
 
     /// Under steady load, pause this long between small back-to-back UDP batches so one
     /// wake-up handles several queries (less CPU per answer, at most this much added
-    /// latency; never applied when idle). 0 disables.
-    #[arg(long, env = "NODE_LOCAL_DNS_UDP_COALESCE", value_parser = parse_duration, default_value = "200us")]
+    /// latency; never applied when idle). 0 (default) answers at once: latency is what a
+    /// node-local cache is for; 200us saves ~15 % CPU per answer at ~0.2 ms added p50.
+    #[arg(long, env = "NODE_LOCAL_DNS_UDP_COALESCE", value_parser = parse_duration, default_value = "0s")]
     pub udp_coalesce: Duration,
 
     /// Tokio worker threads for misses, TCP, metrics.

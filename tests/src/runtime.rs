@@ -459,6 +459,21 @@ impl Pod {
         PathBuf::from(format!("/proc/{}/ns/net", self.pid))
     }
 
+    /// One UDP query from inside the pod's network namespace (the pod's own DNS path).
+    pub fn query(
+        &self,
+        server: std::net::SocketAddr,
+        name: &str,
+        qtype: u16,
+        timeout: Duration,
+    ) -> Result<crate::dns::Answer, HarnessError> {
+        let name = name.to_string();
+        crate::netns::in_netns(&self.netns(), move || {
+            crate::dns::query_udp(server, &name, qtype, timeout)
+        })?
+        .map_err(|e| HarnessError::Other(format!("query from the pod: {e:?}")))
+    }
+
     /// The pod's IPv4 / IPv6 addresses on eth0.
     pub fn ips(&self) -> Result<Vec<IpAddr>, HarnessError> {
         let out =

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use simnode::dns::{TYPE_A, query_udp};
-use simnode::netns::in_netns;
+use simnode::dns::TYPE_A;
 use simnode::{Backend, Runtime, SimNode, SimOptions};
 
 fn example(name: &str) -> String {
@@ -60,16 +59,14 @@ fn example_under_runtime(name: &str, subnet_prefix: &str, runtime: Runtime, back
         .unwrap()
         .sum("coredns_dns_requests_total", &["dns://10.96.0.10:53"]);
     let server = SocketAddr::from(([10, 96, 0, 10], 53));
-    let a = in_netns(&pod.netns(), move || {
-        query_udp(
+    let a = pod
+        .query(
             server,
             "db.prod.svc.cluster.local",
             TYPE_A,
             Duration::from_secs(3),
         )
-    })
-    .unwrap()
-    .expect("answer");
+        .expect("answer");
     assert_eq!(
         a.addrs,
         vec!["10.100.0.2".parse::<std::net::IpAddr>().unwrap()]

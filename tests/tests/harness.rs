@@ -1,7 +1,7 @@
 //! The simulated node itself, before any node-local-dns part is involved: pods started by a
 //! real runtime resolve through kube-proxy's DNAT to the knotd cluster DNS pods.
 
-use simnode::dns::{TYPE_A, query_tcp, query_udp};
+use simnode::dns::{TYPE_A, query_tcp};
 use simnode::{Backend, Runtime, SimNode, SimOptions};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,16 +27,14 @@ fn pods_resolve_through_kube_proxy(backend: Backend, runtime: Runtime) {
 
     let before = sim.node.upstream_queries().unwrap();
     let server = SocketAddr::from(([10, 96, 0, 10], 53));
-    let udp = simnode::netns::in_netns(&pod.netns(), move || {
-        query_udp(
+    let udp = pod
+        .query(
             server,
             "web.default.svc.cluster.local",
             TYPE_A,
             Duration::from_secs(2),
         )
-    })
-    .unwrap()
-    .expect("udp answer via DNAT");
+        .expect("udp answer via DNAT");
     assert_eq!(
         udp.addrs,
         vec!["10.100.0.1".parse::<std::net::IpAddr>().unwrap()]

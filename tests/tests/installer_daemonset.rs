@@ -7,8 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use simnode::cmd::KillOnDrop;
-use simnode::dns::{TYPE_A, query_udp};
-use simnode::netns::in_netns;
+use simnode::dns::TYPE_A;
 use simnode::runtime::{CNI_BIN_DIR, CNI_CONF_DIR, bridge_conflist};
 use simnode::{Backend, SimNode, SimOptions, bin_path};
 
@@ -83,16 +82,14 @@ fn installer_keeps_entry(backend: Backend) {
         "the pod's ADD set the node up"
     );
     let server = SocketAddr::from(([10, 96, 0, 10], 53));
-    let a = in_netns(&pod.netns(), move || {
-        query_udp(
+    let a = pod
+        .query(
             server,
             "web.default.svc.cluster.local",
             TYPE_A,
             Duration::from_secs(3),
         )
-    })
-    .unwrap()
-    .expect("pod resolves");
+        .expect("pod resolves");
     assert_eq!(
         a.addrs,
         vec!["10.100.0.1".parse::<std::net::IpAddr>().unwrap()]

@@ -7,8 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use simnode::dns::{TYPE_A, query_udp};
-use simnode::netns::in_netns;
+use simnode::dns::TYPE_A;
 use simnode::runtime::bridge_conflist;
 use simnode::{Backend, Runtime, SimNode, SimOptions};
 
@@ -106,16 +105,14 @@ fn plugin_under_runtime(runtime: Runtime, version: &'static str, backend: Backen
 
     // With the node state in place and no daemon, pods still resolve through kube-proxy.
     let server = SocketAddr::from(([10, 96, 0, 10], 53));
-    let answer = in_netns(&first.netns(), move || {
-        query_udp(
+    let answer = first
+        .query(
             server,
             "web.default.svc.cluster.local",
             TYPE_A,
             Duration::from_secs(2),
         )
-    })
-    .unwrap()
-    .expect("fallback answer");
+        .expect("fallback answer");
     assert_eq!(
         answer.addrs,
         vec!["10.100.0.1".parse::<std::net::IpAddr>().unwrap()]

@@ -188,23 +188,18 @@ impl Node {
     }
 
     fn install_kube_proxy(&self) -> Result<(), HarnessError> {
-        let eps: Vec<Endpoint> = DNS_POD_IPS
-            .iter()
-            .map(|a| Endpoint {
-                ip: ip(a),
-                port: 53,
-            })
-            .collect();
-        let rules = iptables::kube_proxy_nat(self.cluster_ip(), POD_CIDR, &eps);
-        iptables::restore(&self.ns, self.opts.backend, false, &rules)?;
-        if self.opts.dual_stack {
-            let eps6: Vec<Endpoint> = DNS_POD_IPS6
-                .iter()
+        let endpoints = |ips: &[&str]| -> Vec<Endpoint> {
+            ips.iter()
                 .map(|a| Endpoint {
                     ip: ip(a),
                     port: 53,
                 })
-                .collect();
+                .collect()
+        };
+        let rules = iptables::kube_proxy_nat(self.cluster_ip(), POD_CIDR, &endpoints(&DNS_POD_IPS));
+        iptables::restore(&self.ns, self.opts.backend, false, &rules)?;
+        if self.opts.dual_stack {
+            let eps6 = endpoints(&DNS_POD_IPS6);
             let rules6 = iptables::kube_proxy_nat(self.cluster_ip6(), POD_CIDR6, &eps6);
             iptables::restore(&self.ns, self.opts.backend, true, &rules6)?;
         }

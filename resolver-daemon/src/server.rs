@@ -9,7 +9,7 @@ use crate::metrics::{Metrics, Proto, ServerMetrics, server_label};
 use crate::resolve::Resolver;
 use crate::sockets::{self, KernelRoutes};
 use crate::tcp::TcpServer;
-use crate::udp::{HotPath, Job, JobKind, ReplyHandle};
+use crate::udp::{HotPath, Job, Miss, ReplyHandle};
 use crate::upstream::{Forwarder, ForwarderConfig, Upstream, UpstreamSet, resolv_conf_servers};
 use crate::watchdog::{self, Heartbeat};
 use std::net::SocketAddr;
@@ -314,10 +314,15 @@ async fn dispatch_jobs(
     log_queries: bool,
 ) {
     while let Some(job) = rx.recv().await {
-        if job.kind == JobKind::Prefetch {
-            resolver.refresh_in_background(job.packet);
-            continue;
-        }
+        let job = match job {
+            Job::Prefetch(packets) => {
+                packets
+                    .into_iter()
+                    .for_each(|p| resolver.refresh_in_background(p));
+                continue;
+            }
+            Job::Miss(miss) => miss,
+        };
         let r = resolver.clone();
         let ls = listeners.clone();
         r.busy.fetch_add(1, Ordering::SeqCst);
@@ -328,7 +333,7 @@ async fn dispatch_jobs(
     }
 }
 
-async fn answer_udp_miss(r: &Arc<Resolver>, ls: &[Listener], job: Job, log_queries: bool) {
+async fn answer_udp_miss(r: &Arc<Resolver>, ls: &[Listener], job: Miss, log_queries: bool) {
     let Some(l) = ls.get(job.listener) else {
         return;
     };
@@ -372,6 +377,22 @@ async fn wait_for_signal() -> Result<(), ServerError> {
     }
     Ok(())
 }
+
+/// Runs on every tokio thread: cache hits (the UDP threads) come before misses, prefetches,
+/// TCP and metrics when they share a CPU, so a batch of upstream work never delays the
+/// answers queued behind it. Lowering one's own priority needs no privilege.
+pub fn lower_priority_of_this_thread() {
+    // SAFETY: setpriority on the calling thread (who = 0) only changes its nice value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, TOKIO_NICE) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "setpriority");
+    }
+}
+
+/// Nice value of the tokio threads (the UDP threads keep 0). Measured with the server capped
+/// at half a core, search-path mix at 20k q/s with prefetches: p99 0.15-0.17 ms at nice 0,
+/// 0.10-0.12 at 5, 0.096-0.097 at 10.
+const TOKIO_NICE: libc::c_int = 10;
 
 fn install_panic_counter(counter: prometheus::IntCounter) {
     let previous = std::panic::take_hook();

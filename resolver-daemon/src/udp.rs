@@ -1,6 +1,9 @@
 //! The UDP hot path: one thread per socket doing recvmmsg → parse → cache → sendmmsg in
 //! batches, with buffers allocated once. Misses and prefetches leave through a bounded
 //! channel to the tokio side; if it is full the client gets stale data or SERVFAIL at once.
+//! Misses leave one by one (a client waits); prefetches are collected for up to
+//! [`PREFETCH_BATCH_DELAY`] and leave together, because waking the tokio side costs more
+//! than the upstream exchange itself on a virtualised node.
 
 use crate::cache::Cache;
 use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
@@ -11,26 +14,33 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 const BATCH: usize = 32;
 /// Larger datagrams are not DNS queries we answer (MSG_TRUNC → dropped).
 const RECV_BUF: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    Miss,
-    Prefetch,
+/// How long a prefetch may wait for company. Entries are due with ≥ 12.5 % of their TTL
+/// left (≥ 125 ms even at a 1 s TTL), so this never lets one expire.
+pub const PREFETCH_BATCH_DELAY: Duration = Duration::from_millis(10);
+/// A batch leaves at once when it reaches this size.
+const PREFETCH_BATCH_MAX: usize = 64;
+
+/// Work for the tokio side.
+#[derive(Debug)]
+pub enum Job {
+    /// A client datagram the cache could not answer.
+    Miss(Miss),
+    /// Queries whose entries are due for a background refresh.
+    Prefetch(Vec<Vec<u8>>),
 }
 
-/// A client datagram for the tokio side.
 #[derive(Debug)]
-pub struct Job {
+pub struct Miss {
     pub packet: Vec<u8>,
     pub peer: SocketAddr,
     pub listener: usize,
-    pub kind: JobKind,
     pub received: Instant,
 }
 
@@ -72,7 +82,38 @@ pub struct HotPath {
     /// Datagrams received by all UDP threads (watchdog liveness).
     pub received: Arc<AtomicU64>,
     /// Pause between small back-to-back batches (0: never).
-    pub coalesce: std::time::Duration,
+    pub coalesce: Duration,
+}
+
+/// Prefetch queries collected by one hot thread, waiting to be handed over together.
+#[derive(Default)]
+struct PrefetchBatch {
+    packets: Vec<Vec<u8>>,
+    since: Option<Instant>,
+}
+
+impl PrefetchBatch {
+    fn push(&mut self, pkt: &[u8], now: Instant) {
+        self.since.get_or_insert(now);
+        self.packets.push(pkt.to_vec());
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.packets.len() >= PREFETCH_BATCH_MAX
+            || self
+                .since
+                .is_some_and(|t| now.saturating_duration_since(t) >= PREFETCH_BATCH_DELAY)
+    }
+
+    /// Hands the batch over; a full channel drops it (the entries then expire and are
+    /// fetched on demand, as without prefetch).
+    fn flush(&mut self, jobs: &mpsc::Sender<Job>) {
+        self.since = None;
+        let packets = std::mem::take(&mut self.packets);
+        if !packets.is_empty() {
+            let _ = jobs.try_send(Job::Prefetch(packets));
+        }
+    }
 }
 
 /// Preallocated recvmmsg/sendmmsg state. The mmsghdr pointers are refreshed before every
@@ -221,8 +262,14 @@ impl HotPath {
         // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
         let mut last = Instant::now();
+        let mut prefetch = PrefetchBatch::default();
         while !self.shutdown.load(Ordering::Relaxed) {
-            let n = match b.recv(fd) {
+            let received = b.recv(fd);
+            let now = Instant::now();
+            if prefetch.due(now) {
+                prefetch.flush(&self.jobs);
+            }
+            let n = match received {
                 Ok(n) => n,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => continue,
                 Err(e) => {
@@ -231,8 +278,7 @@ impl HotPath {
                 }
             };
             self.received.fetch_add(n as u64, Ordering::Relaxed);
-            let now = Instant::now();
-            self.handle_batch(&mut b, n, now);
+            self.handle_batch(&mut b, n, now, &mut prefetch);
             b.send(fd);
             // Busy but not saturated (small batches arriving back to back): wait a moment so
             // the next wake-up finds several datagrams, like NIC interrupt moderation. Wake-ups,
@@ -249,7 +295,7 @@ impl HotPath {
         tracing::debug!(listener = self.listener, "udp receive thread stopped");
     }
 
-    fn handle_batch(&self, b: &mut Batch, n: usize, now: Instant) {
+    fn handle_batch(&self, b: &mut Batch, n: usize, now: Instant, prefetch: &mut PrefetchBatch) {
         b.out_for.clear();
         for i in 0..n {
             let Some(len) = b.datagram_len(i) else {
@@ -260,16 +306,15 @@ impl HotPath {
             let mut out = std::mem::take(&mut b.outs[k]);
             let fast = answer_fast(&self.cache, pkt, now, &mut out, false, &self.metrics);
             let reply = match fast {
-                Fast::Reply { prefetch, .. } => {
-                    if prefetch {
-                        self.hand_over(pkt, b.peer(i), JobKind::Prefetch, now);
+                Fast::Reply { prefetch: due, .. } => {
+                    if due {
+                        prefetch.push(pkt, now);
                     }
                     true
                 }
                 Fast::Drop => false,
                 Fast::Miss => {
-                    !self.hand_over(pkt, b.peer(i), JobKind::Miss, now)
-                        && self.overloaded(pkt, now, &mut out)
+                    !self.hand_over(pkt, b.peer(i), now) && self.overloaded(pkt, now, &mut out)
                 }
             };
             if reply {
@@ -280,16 +325,15 @@ impl HotPath {
         }
     }
 
-    /// Queues a datagram for the tokio side; false when the queue is full.
-    fn hand_over(&self, pkt: &[u8], peer: Option<SocketAddr>, kind: JobKind, now: Instant) -> bool {
+    /// Queues a missed datagram for the tokio side; false when the queue is full.
+    fn hand_over(&self, pkt: &[u8], peer: Option<SocketAddr>, now: Instant) -> bool {
         let Some(peer) = peer else { return true };
-        let job = Job {
+        let job = Job::Miss(Miss {
             packet: pkt.to_vec(),
             peer,
             listener: self.listener,
-            kind,
             received: now,
-        };
+        });
         self.jobs.try_send(job).is_ok()
     }
 

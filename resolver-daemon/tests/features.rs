@@ -44,6 +44,49 @@ fn popular_entries_are_prefetched_before_they_expire() {
     assert!(metric_sum(&d.metrics(), "coredns_cache_prefetch_total", &[]) >= 1.0);
 }
 
+/// With the seed's short clamps an entry lives a few seconds, so a name asked steadily gets
+/// only ~10 hits per entry. Its popularity must carry over to the refreshed entry, or it
+/// drops below the prefetch threshold, expires, and a client waits for the upstream.
+#[test]
+fn steadily_asked_names_with_short_ttls_never_expire() {
+    let up = answering(sa(62, UP_PORT), [192, 0, 2, 62]);
+    let d = Daemon::start(
+        63,
+        &[up.addr],
+        &[
+            "--cache-success-min-ttl",
+            "2s",
+            "--cache-success-max-ttl",
+            "2s",
+        ],
+    );
+    // 4 questions a second: 8 hits per 2 s entry, fewer than the default --prefetch-hits
+    // (10), but 10 within a minute after 2.5 s.
+    let ask_for = |secs: u64| {
+        let end = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < end {
+            assert_eq!(
+                answers(&ask(d.dns, "steady.example", A)),
+                vec!["192.0.2.62"]
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    ask_for(4);
+    let misses = |m: &str| metric_sum(m, "coredns_cache_misses_total", &[]);
+    let before = d.metrics();
+    ask_for(5);
+    let after = d.metrics();
+    assert_eq!(
+        misses(&after),
+        misses(&before),
+        "no client waited for the upstream"
+    );
+    let prefetched = metric_sum(&after, "coredns_cache_prefetch_total", &[])
+        - metric_sum(&before, "coredns_cache_prefetch_total", &[]);
+    assert!(prefetched >= 2.0, "refreshed every ~2 s: {prefetched}");
+}
+
 #[test]
 fn names_outside_the_cluster_domain_can_go_to_resolv_conf_servers() {
     let cluster = answering(sa(63, UP_PORT), [10, 0, 0, 1]);

@@ -161,6 +161,26 @@ fn metrics_use_the_coredns_names_and_health_endpoints_answer() {
     assert!(!text.contains("error"), "promtool: {text}");
 }
 
+/// Cache hits are answered on the UDP threads; misses, prefetches, TCP and metrics on the
+/// tokio threads, which run at a lower priority so their bursts never delay a hit.
+#[test]
+fn tokio_threads_run_below_the_udp_threads() {
+    let up = answering(57, Duration::ZERO);
+    let d = Daemon::start(58, &[up.addr], &["--workers", "2"]);
+    let mut nice_of = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.proc.pid())).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        // comm is in parentheses and may hold spaces: fields count from the last ')'.
+        let (comm, rest) = stat.rsplit_once(") ").unwrap();
+        let comm = comm.split_once('(').unwrap().1;
+        let kind = comm.split(['-', ':']).next().unwrap().to_string();
+        let nice: i64 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        nice_of.entry(kind).or_default().push(nice);
+    }
+    assert_eq!(nice_of.get("tokio"), Some(&vec![10, 10]), "{nice_of:?}");
+    assert_eq!(nice_of.get("udp"), Some(&vec![0]), "{nice_of:?}");
+}
+
 #[test]
 fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
     let up = answering(53, Duration::from_millis(800));

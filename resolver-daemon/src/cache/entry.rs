@@ -178,6 +178,11 @@ fn wire_without_opt(response: &[u8], walk: &RecordWalk) -> Vec<u8> {
     wire
 }
 
+/// A random value in 128..=255.
+fn prefetch_jitter() -> u8 {
+    128 | (super::key::next_random() >> 57) as u8
+}
+
 /// The reply followed by its TTL offsets, in one allocation.
 fn entry_data(mut wire: Vec<u8>, ttl_offsets: &[u16]) -> Box<[u8]> {
     wire.reserve_exact(2 * ttl_offsets.len());
@@ -222,10 +227,16 @@ pub(super) struct Entry {
     /// Clamped TTL in seconds, counted from `stored`.
     ttl: u32,
     stored: Instant,
-    /// Entry age (seconds) when the current prefetch hit-counting window began.
-    window_start: u32,
+    /// Entry age (seconds) when the current prefetch hit-counting window began; negative when
+    /// the window began under an entry this one replaced (popularity belongs to the question,
+    /// not to one fetch of its answer).
+    window_start: i32,
     hits_in_window: u32,
     prefetch_signalled: bool,
+    /// Where in the last `prefetch_percent` of the TTL this entry is refreshed, in 256ths of
+    /// that share (128..=255: its first half). Random per entry, so entries stored together
+    /// (a warm-up, a pod's burst) do not all come due in the same instant every TTL.
+    prefetch_jitter: u8,
     pub prev: u32,
     pub next: u32,
     /// Shard-local recency stamp, to pick the older of the two LRU tails.
@@ -247,6 +258,7 @@ impl Entry {
             window_start: 0,
             hits_in_window: 0,
             prefetch_signalled: false,
+            prefetch_jitter: prefetch_jitter(),
             prev: u32::MAX,
             next: u32::MAX,
             last_used: 0,
@@ -298,24 +310,38 @@ impl Entry {
         }
     }
 
-    /// Counts a fresh hit; true exactly once per entry lifetime, when it was asked often
-    /// enough within the window and little of its TTL is left.
-    pub(super) fn note_hit(&mut self, remaining: u32, cfg: &CacheConfig) -> bool {
-        let age = self.ttl.saturating_sub(remaining);
-        // Saturating: threads may pass slightly older instants than an earlier hit did.
-        if u64::from(age.saturating_sub(self.window_start)) > cfg.prefetch_window.as_secs() {
-            self.window_start = age;
+    /// Counts a fresh hit; true at most once per entry, when the question was asked often
+    /// enough within the window and less than the configured share of the TTL is left.
+    /// Millisecond precision: with the seed's 5 s denial TTL, "25 % left" is the last 1.25 s.
+    pub(super) fn note_hit(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
+        let age = now.saturating_duration_since(self.stored);
+        let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        let window = i64::try_from(cfg.prefetch_window.as_secs()).unwrap_or(i64::MAX);
+        if age_secs.saturating_sub(i64::from(self.window_start)) > window {
+            self.window_start = i32::try_from(age_secs).unwrap_or(i32::MAX);
             self.hits_in_window = 0;
         }
         self.hits_in_window = self.hits_in_window.saturating_add(1);
         if self.prefetch_signalled || self.hits_in_window < cfg.prefetch_hits {
             return false;
         }
-        if u64::from(remaining) * 100 < u64::from(self.ttl) * u64::from(cfg.prefetch_percent) {
+        let ttl_ms = u128::from(self.ttl) * 1000;
+        let left_ms = ttl_ms.saturating_sub(age.as_millis());
+        let threshold = u128::from(cfg.prefetch_percent) * u128::from(self.prefetch_jitter);
+        if left_ms * 100 * 256 < ttl_ms * threshold {
             self.prefetch_signalled = true;
             return true;
         }
         false
+    }
+
+    /// Carries the hit-counting window of the entry this one replaces, so that a popular
+    /// question keeps being prefetched although each entry lives only one (short) TTL.
+    pub(super) fn inherit_popularity(&mut self, old: &Entry) {
+        let gap = self.stored.saturating_duration_since(old.stored).as_secs();
+        let start = i64::from(old.window_start) - i64::try_from(gap).unwrap_or(i64::MAX);
+        self.window_start = i32::try_from(start).unwrap_or(i32::MIN);
+        self.hits_in_window = old.hits_in_window;
     }
 
     /// Writes the reply for client query `q` into `out` (cleared first).

@@ -138,6 +138,17 @@ pub(super) fn random_seed() -> u64 {
     hasher.finish()
 }
 
+/// Cheap lock-free randomness for non-security uses (spreading prefetches): a Weyl sequence
+/// started at a random seed, mixed by one folded multiply.
+pub(super) fn next_random() -> u64 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: OnceLock<AtomicU64> = OnceLock::new();
+    let state = STATE.get_or_init(|| AtomicU64::new(random_seed()));
+    let n = state.fetch_add(K0, Ordering::Relaxed);
+    folded_multiply(n ^ K1, K2)
+}
+
 const K0: u64 = 0x9e37_79b9_7f4a_7c15;
 const K1: u64 = 0xbf58_476d_1ce4_e5b9;
 const K2: u64 = 0x94d0_49bb_1331_11eb;

@@ -180,7 +180,7 @@ impl Cache {
         else {
             return Answer::Miss;
         };
-        let prefetch = entry.note_hit(remaining, &self.cfg);
+        let prefetch = entry.note_hit(now, &self.cfg);
         entry.write_reply(q, TtlRewrite::CountDown(remaining), out, limit);
         Answer::Fresh {
             kind: entry.kind(),

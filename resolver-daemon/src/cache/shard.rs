@@ -86,11 +86,12 @@ impl Shard {
         now: Instant,
         stale_window: Duration,
     ) -> Result<(), &'static str> {
-        let entry = Entry::new(key, prepared, ttl, now);
+        let mut entry = Entry::new(key, prepared, ttl, now);
         if entry.footprint() > self.limits.max_bytes {
             return Err("entry larger than the cache's byte budget");
         }
         if let Some(&old) = self.map.get(key.as_bytes()) {
+            entry.inherit_popularity(self.entry(old));
             self.remove(old);
         }
         let slot = self.allocate(entry);

@@ -177,7 +177,7 @@ fn tokio_threads_run_below_the_udp_threads() {
         let nice: i64 = rest.split(' ').nth(16).unwrap().parse().unwrap();
         nice_of.entry(kind).or_default().push(nice);
     }
-    assert_eq!(nice_of.get("tokio"), Some(&vec![10, 10]), "{nice_of:?}");
+    assert_eq!(nice_of.get("tokio"), Some(&vec![5, 5]), "{nice_of:?}");
     assert_eq!(nice_of.get("udp"), Some(&vec![0]), "{nice_of:?}");
 }
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Exact server CPU per answer at a fixed rate, from the scheduler's task clock (perf stat),
+# next to the harness's tick-sampled utime+stime (/proc clock ticks: 10 ms each).
+#
+#   resolver-daemon/bench/cpu-taskclock.sh [ROUNDS] [QPS] [WORKLOAD]
+#
+# Needs ../shared/bench set up and run once (its data dir holds the query files and the
+# rendered knotd config), perf, and the release binary in target/release. Same placement as
+# the harness: generator and upstream on CPU 0, server on CPU 1. Peers: unbound, ours.
+set -euo pipefail
+ROUNDS=${1:-3}; QPS=${2:-20000}; WL=${3:-hot}; SECS=${SECS:-4}
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=${NLD_BIN:-$HERE/../../target/release/node-local-dns-resolver}
+DATA=${PEERBENCH_DATA:-$HOME/.cache/peerbench}
+Q=$DATA/queries/$WL.txt
+[[ -f $Q && -f $DATA/run/upstream/knot.conf && -f $DATA/run/unbound-1t/unbound.conf ]] ||
+  { echo "run ../shared/bench/peerbench.sh with unbound-1t first" >&2; exit 1; }
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 0 knotd -c "$DATA/run/upstream/knot.conf" >/dev/null 2>&1 &
+pids+=($!)
+sleep 0.5
+
+measure() { # NAME ADDR COMMAND...
+  local name=$1 addr=$2; shift 2
+  taskset -c 1 "$@" >/dev/null 2>&1 &
+  local srv=$!
+  sleep 0.7
+  taskset -c 0 dnsperf -s "$addr" -d "$Q" -n 3 -Q 5000 -c 20 >/dev/null 2>&1
+  taskset -c 0 dnsperf -s "$addr" -d "$Q" -l $((SECS + 1)) -Q "$QPS" -c 20 >/dev/null 2>&1 &
+  local gen=$!
+  sleep 0.5
+  local t0 t1
+  t0=$(awk '{print $14 + $15}' "/proc/$srv/stat")
+  perf stat -x, -e task-clock,context-switches -p "$srv" -o "$SHM_OUT" -- sleep "$SECS"
+  t1=$(awk '{print $14 + $15}' "/proc/$srv/stat")
+  wait "$gen"
+  kill "$srv"; wait "$srv" 2>/dev/null || true
+  awk -F, -v n="$name" -v q="$QPS" -v s="$SECS" -v ticks=$((t1 - t0)) '
+    $3 == "task-clock" { ms = $1 } $3 == "context-switches" { cs = $1 }
+    END { printf "%-16s task-clock %5.1f %% of a core (%.2f us/answer), ticks %5.1f %%, %6.0f wake-ups/s\n",
+                 n, ms / s / 10, ms * 1000 / (q * s), ticks / s, cs / s }' "$SHM_OUT"
+}
+
+SHM_OUT=$(mktemp)
+for r in $(seq "$ROUNDS"); do
+  measure unbound 127.0.0.10 unbound -d -c "$DATA/run/unbound-1t/unbound.conf"
+  measure node-local-dns 127.0.0.15 "$BIN" --listen 127.0.0.15:53 --upstream 127.0.0.2:53 \
+    --no-node-setup --metrics-listen 127.0.0.15:9253 --health-listen 127.0.0.15:8080
+done
+rm -f "$SHM_OUT"

@@ -117,8 +117,11 @@ GENERAL = [
     ts("Stale answers served",
        [(rate("coredns_cache_served_stale_total", SEL, "node"), "{{node}}")], "reqps",
        "Expired entries answered because the upstream failed or was over its concurrency limit."),
-    ts("Prefetches", [(rate("coredns_cache_prefetch_total", SEL, "node"), "{{node}}")], "reqps",
-       "Popular entries refreshed before they expire."),
+    ts("Prefetches",
+       [(rate("coredns_cache_prefetch_total", SEL, "node"), "{{node}}"),
+        (rate("node_local_dns_prefetch_dropped_total", SEL, "node"), "{{node}} dropped")], "reqps",
+       "Popular entries refreshed before they expire; dropped: refreshes lost to a full queue "
+       "(those entries expire and are fetched on demand)."),
     ts("Coalesced queries",
        [(rate("node_local_dns_coalesced_queries_total", SEL, "node"), "{{node}}")], "reqps",
        "Client queries that joined an identical in-flight upstream query instead of sending one."),

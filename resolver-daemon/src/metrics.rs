@@ -123,6 +123,7 @@ pub struct Metrics {
     pub panics: IntCounter,
     pub forward: ForwardMetrics,
     pub coalesced: IntCounter,
+    pub prefetch_dropped: IntCounter,
     setup_errors: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
@@ -369,6 +370,10 @@ impl Metrics {
             coalesced: c0(
                 "node_local_dns_coalesced_queries_total",
                 "Client queries that joined an in-flight upstream query instead of sending their own.",
+            )?,
+            prefetch_dropped: c0(
+                "node_local_dns_prefetch_dropped_total",
+                "Background refreshes dropped because the queue to the upstream side was full; those entries expire and are fetched on demand.",
             )?,
             forward,
             setup_errors,

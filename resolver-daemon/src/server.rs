@@ -172,6 +172,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 log_queries: cfg.log_queries,
                 received: received.clone(),
                 coalesce: cfg.udp_coalesce,
+                prefetch_dropped: metrics.prefetch_dropped.clone(),
             };
             let h = std::thread::Builder::new()
                 .name(format!("udp-{addr}-{t}"))

@@ -84,6 +84,8 @@ pub struct HotPath {
     pub received: Arc<AtomicU64>,
     /// Pause between small back-to-back batches (0: never).
     pub coalesce: Duration,
+    /// Refreshes lost to a full job queue.
+    pub prefetch_dropped: prometheus::IntCounter,
 }
 
 /// Prefetch queries collected by one hot thread, waiting to be handed over together.
@@ -107,12 +109,13 @@ impl PrefetchBatch {
     }
 
     /// Hands the batch over; a full channel drops it (the entries then expire and are
-    /// fetched on demand, as without prefetch).
-    fn flush(&mut self, jobs: &mpsc::Sender<Job>) {
+    /// fetched on demand, as without prefetch) and counts what it dropped.
+    fn flush(&mut self, jobs: &mpsc::Sender<Job>, dropped: &prometheus::IntCounter) {
         self.since = None;
         let packets = std::mem::take(&mut self.packets);
-        if !packets.is_empty() {
-            let _ = jobs.try_send(Job::Prefetch(packets));
+        let n = packets.len() as u64;
+        if n > 0 && jobs.try_send(Job::Prefetch(packets)).is_err() {
+            dropped.inc_by(n);
         }
     }
 }
@@ -268,7 +271,7 @@ impl HotPath {
             let received = b.recv(fd);
             let now = Instant::now();
             if prefetch.due(now) {
-                prefetch.flush(&self.jobs);
+                prefetch.flush(&self.jobs, &self.prefetch_dropped);
             }
             let n = match received {
                 Ok(n) => n,
@@ -377,5 +380,54 @@ impl HotPath {
                 "query answered from cache"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter() -> prometheus::IntCounter {
+        prometheus::IntCounter::new("dropped", "test").unwrap()
+    }
+
+    #[test]
+    fn prefetches_wait_for_company_until_the_delay_or_the_size_cap() {
+        let t0 = Instant::now();
+        let mut batch = PrefetchBatch::default();
+        assert!(!batch.due(t0), "nothing to send");
+        batch.push(b"q1", t0);
+        assert!(!batch.due(t0 + Duration::from_millis(9)));
+        assert!(batch.due(t0 + PREFETCH_BATCH_DELAY));
+        let mut full = PrefetchBatch::default();
+        (0..PREFETCH_BATCH_MAX).for_each(|_| full.push(b"q", t0));
+        assert!(full.due(t0), "a full batch leaves at once");
+    }
+
+    #[test]
+    fn a_batch_leaves_as_one_job_and_a_full_queue_counts_what_it_drops() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let dropped = counter();
+        let t0 = Instant::now();
+        let mut batch = PrefetchBatch::default();
+        for q in [&b"a"[..], b"b", b"c"] {
+            batch.push(q, t0);
+        }
+        batch.flush(&tx, &dropped);
+        match rx.try_recv() {
+            Ok(Job::Prefetch(packets)) => assert_eq!(packets, [b"a", b"b", b"c"]),
+            other => panic!("expected one prefetch job, got {other:?}"),
+        }
+        assert_eq!(dropped.get(), 0);
+        assert!(
+            !batch.due(t0 + PREFETCH_BATCH_DELAY),
+            "emptied, timer reset"
+        );
+
+        tx.try_send(Job::Prefetch(vec![])).unwrap(); // the queue is now full
+        batch.push(b"d", t0);
+        batch.push(b"e", t0);
+        batch.flush(&tx, &dropped);
+        assert_eq!(dropped.get(), 2);
     }
 }

@@ -28,6 +28,7 @@ measure() { # NAME ADDR COMMAND...
   local name=$1 addr=$2; shift 2
   taskset -c 1 "$@" >/dev/null 2>&1 &
   local srv=$!
+  pids+=("$srv")
   sleep 0.7
   taskset -c 0 dnsperf -s "$addr" -d "$Q" -n 3 -Q 5000 -c 20 >/dev/null 2>&1
   taskset -c 0 dnsperf -s "$addr" -d "$Q" -l $((SECS + 1)) -Q "$QPS" -c 20 >/dev/null 2>&1 &

@@ -195,8 +195,8 @@ fn entry_data(mut wire: Vec<u8>, ttl_offsets: &[u16]) -> Box<[u8]> {
 /// An entry's state at some instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Freshness {
-    /// Whole seconds left (≥ 1).
-    Fresh(u32),
+    /// Whole seconds left (≥ 1), and the entry's exact age (for the prefetch point).
+    Fresh { left: u32, age: Duration },
     /// Expired, within the stale window: only `answer_stale` serves it.
     Stale,
     /// Expired for longer than the stale window: nothing can use it any more.
@@ -302,7 +302,10 @@ impl Entry {
         let age = now.saturating_duration_since(self.stored);
         let ttl = self.ttl_duration();
         if age < ttl {
-            Freshness::Fresh(self.ttl - age.as_secs() as u32)
+            Freshness::Fresh {
+                left: self.ttl - age.as_secs() as u32,
+                age,
+            }
         } else if age <= ttl + stale_window {
             Freshness::Stale
         } else {
@@ -313,8 +316,7 @@ impl Entry {
     /// Counts a fresh hit; true at most once per entry, when the question was asked often
     /// enough within the window and less than the configured share of the TTL is left.
     /// Millisecond precision: with the seed's 5 s denial TTL, "25 % left" is the last 1.25 s.
-    pub(super) fn note_hit(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
-        let age = now.saturating_duration_since(self.stored);
+    pub(super) fn note_hit(&mut self, age: Duration, cfg: &CacheConfig) -> bool {
         let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
         let window = i64::try_from(cfg.prefetch_window.as_secs()).unwrap_or(i64::MAX);
         if age_secs.saturating_sub(i64::from(self.window_start)) > window {

@@ -175,13 +175,13 @@ impl Cache {
     pub fn answer(&self, q: &Query<'_>, now: Instant, out: &mut Vec<u8>, limit: usize) -> Answer {
         let key = CacheKey::new(q, self.seed);
         let mut shard = self.shard(&key);
-        let Some((entry, Freshness::Fresh(remaining))) =
+        let Some((entry, Freshness::Fresh { left, age })) =
             shard.get_mut(&key, now, self.cfg.stale_window)
         else {
             return Answer::Miss;
         };
-        let prefetch = entry.note_hit(now, &self.cfg);
-        entry.write_reply(q, TtlRewrite::CountDown(remaining), out, limit);
+        let prefetch = entry.note_hit(age, &self.cfg);
+        entry.write_reply(q, TtlRewrite::CountDown(left), out, limit);
         Answer::Fresh {
             kind: entry.kind(),
             prefetch,
@@ -203,7 +203,7 @@ impl Cache {
             return false;
         };
         let ttls = match freshness {
-            Freshness::Fresh(remaining) => TtlRewrite::CountDown(remaining),
+            Freshness::Fresh { left, .. } => TtlRewrite::CountDown(left),
             Freshness::Stale | Freshness::Dead => TtlRewrite::Fixed(self.cfg.stale_ttl),
         };
         entry.write_reply(q, ttls, out, limit);

@@ -119,9 +119,11 @@ GENERAL = [
        "Expired entries answered because the upstream failed or was over its concurrency limit."),
     ts("Prefetches",
        [(rate("coredns_cache_prefetch_total", SEL, "node"), "{{node}}"),
+        (rate("node_local_dns_prefetch_unasked_total", SEL, "node"), "{{node}} unasked"),
         (rate("node_local_dns_prefetch_dropped_total", SEL, "node"), "{{node}} dropped")], "reqps",
-       "Popular entries refreshed before they expire; dropped: refreshes lost to a full queue "
-       "(those entries expire and are fetched on demand)."),
+       "Popular entries refreshed before they expire; unasked: refreshed by the idle sweep with "
+       "no client asking (at most --prefetch-unasked in a row per name); dropped: refreshes lost "
+       "to a full queue (those entries expire and are fetched on demand)."),
     ts("Coalesced queries",
        [(rate("node_local_dns_coalesced_queries_total", SEL, "node"), "{{node}}")], "reqps",
        "Client queries that joined an identical in-flight upstream query instead of sending one."),

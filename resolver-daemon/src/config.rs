@@ -201,6 +201,12 @@ pub struct Args {
     /// Prefetch when less than this percentage of the TTL is left.
     #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_PERCENT", default_value_t = 25)]
     pub prefetch_percent: u8,
+    /// Refreshes a popular entry (see --prefetch-hits) may get in a row while nobody asks for
+    /// it, when its prefetch point passes without a hit: a name asked in bursts with pauses
+    /// of up to about this many TTLs never waits for a miss; a name no longer asked costs at
+    /// most this many upstream queries. 0: refresh only on a hit.
+    #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_UNASKED", default_value_t = 1)]
+    pub prefetch_unasked: u8,
 
     /// Prometheus metrics address (/metrics).
     #[arg(
@@ -499,6 +505,7 @@ fn cache_config(args: &Args) -> CacheConfig {
         prefetch_hits: args.prefetch_hits,
         prefetch_window: args.prefetch_window,
         prefetch_percent: args.prefetch_percent,
+        prefetch_unasked: args.prefetch_unasked,
     }
 }
 

@@ -124,6 +124,7 @@ pub struct Metrics {
     pub forward: ForwardMetrics,
     pub coalesced: IntCounter,
     pub prefetch_dropped: IntCounter,
+    pub prefetch_unasked: IntCounter,
     setup_errors: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
@@ -374,6 +375,10 @@ impl Metrics {
             prefetch_dropped: c0(
                 "node_local_dns_prefetch_dropped_total",
                 "Background refreshes dropped because the queue to the upstream side was full; those entries expire and are fetched on demand.",
+            )?,
+            prefetch_unasked: c0(
+                "node_local_dns_prefetch_unasked_total",
+                "Background refreshes of popular entries whose prefetch point passed without a client asking (the idle sweep, --prefetch-unasked).",
             )?,
             forward,
             setup_errors,

@@ -216,6 +216,13 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
     });
     start_http(&cfg, health.clone()).await?;
     start_background(&cfg, &forwarder, &metrics);
+    if cfg.cache.prefetch_unasked > 0 {
+        tokio::spawn(
+            resolver
+                .clone()
+                .sweep_idle_entries(metrics.prefetch_unasked.clone()),
+        );
+    }
     let heartbeat = Arc::new(Heartbeat::default());
     start_heartbeat(heartbeat.clone());
     if let Some(timeout) = cfg.watchdog_timeout {

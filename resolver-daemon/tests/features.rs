@@ -87,6 +87,71 @@ fn steadily_asked_names_with_short_ttls_never_expire() {
     assert!(prefetched >= 2.0, "refreshed every ~2 s: {prefetched}");
 }
 
+/// A name asked steadily and then paused for longer than its entry has left (a job that
+/// runs every few seconds): the idle sweep refreshes the popular entry once when it comes
+/// due unasked, so the first question after the pause is a hit; a name that stays unasked
+/// costs that one refresh and then expires.
+#[test]
+fn popular_names_stay_cached_through_a_pause_and_then_expire() {
+    let up = answering(sa(73, UP_PORT), [192, 0, 2, 73]);
+    // 5 s entries (the seed's denial clamp): the sweep claims them in their last 6–12 %.
+    let d = Daemon::start(
+        72,
+        &[up.addr],
+        &[
+            "--cache-success-min-ttl",
+            "5s",
+            "--cache-success-max-ttl",
+            "5s",
+            "--prefetch-hits",
+            "5",
+        ],
+    );
+    for _ in 0..6 {
+        assert_eq!(
+            answers(&ask(d.dns, "paused.example", A)),
+            vec!["192.0.2.73"]
+        );
+    }
+    let misses = |m: &str| metric_sum(m, "coredns_cache_misses_total", &[]);
+    let before = d.metrics();
+    // 6 s of silence: past the first entry's end, inside its refreshed successor's life.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        answers(&ask(d.dns, "paused.example", A)),
+        vec!["192.0.2.73"]
+    );
+    assert_eq!(
+        misses(&d.metrics()),
+        misses(&before),
+        "the question after the pause was a hit"
+    );
+    assert_eq!(up.count("paused.example"), 2, "one fetch, one idle refresh");
+    assert_eq!(d.metric("node_local_dns_prefetch_unasked_total"), 1.0);
+
+    // Asked once more (above), then never again: one more refresh, then it expires.
+    wait_until(
+        "the refresh after the last question",
+        Duration::from_secs(6),
+        || up.count("paused.example") == 3,
+    );
+    std::thread::sleep(Duration::from_millis(5300));
+    assert_eq!(
+        up.count("paused.example"),
+        3,
+        "no refresh for an unasked entry"
+    );
+    assert_eq!(
+        answers(&ask(d.dns, "paused.example", A)),
+        vec!["192.0.2.73"]
+    );
+    assert_eq!(
+        misses(&d.metrics()),
+        misses(&before) + 1.0,
+        "then it expired"
+    );
+}
+
 #[test]
 fn names_outside_the_cluster_domain_can_go_to_resolv_conf_servers() {
     let cluster = answering(sa(63, UP_PORT), [10, 0, 0, 1]);

@@ -139,6 +139,7 @@ fn metrics_use_the_coredns_names_and_health_endpoints_answer() {
         "coredns_nodecache_setup_errors_total",
         "node_local_dns_coalesced_queries_total",
         "node_local_dns_prefetch_dropped_total",
+        "node_local_dns_prefetch_unasked_total",
         "node_local_dns_cni_operations_total",
         "node_local_dns_cni_operation_duration_seconds",
     ] {

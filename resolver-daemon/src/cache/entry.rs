@@ -4,7 +4,7 @@
 //! any records after the OPT), so that a hit is a memcpy, a few in-place patches and, for
 //! EDNS clients, a fresh 11-byte OPT record carrying the client's DO bit.
 
-use super::key::CacheKey;
+use super::key::{CacheKey, FLAG_CD, FLAG_DO};
 use super::{CacheConfig, EntryKind};
 use crate::wire::{
     self, HEADER_LEN, Header, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag, put16, put32, rcode,
@@ -237,6 +237,11 @@ pub(super) struct Entry {
     /// that share (128..=255: its first half). Random per entry, so entries stored together
     /// (a warm-up, a pod's burst) do not all come due in the same instant every TTL.
     prefetch_jitter: u8,
+    /// A client was answered from this entry (background refreshes do not count).
+    asked: bool,
+    /// How many entries in a row before this one went unasked: bounds the refreshes the
+    /// idle sweep spends on a name nobody asks for any more.
+    unasked_before: u8,
     pub prev: u32,
     pub next: u32,
     /// Shard-local recency stamp, to pick the older of the two LRU tails.
@@ -259,6 +264,8 @@ impl Entry {
             hits_in_window: 0,
             prefetch_signalled: false,
             prefetch_jitter: prefetch_jitter(),
+            asked: false,
+            unasked_before: 0,
             prev: u32::MAX,
             next: u32::MAX,
             last_used: 0,
@@ -317,9 +324,9 @@ impl Entry {
     /// enough within the window and less than the configured share of the TTL is left.
     /// Millisecond precision: with the seed's 5 s denial TTL, "25 % left" is the last 1.25 s.
     pub(super) fn note_hit(&mut self, age: Duration, cfg: &CacheConfig) -> bool {
+        self.asked = true;
         let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
-        let window = i64::try_from(cfg.prefetch_window.as_secs()).unwrap_or(i64::MAX);
-        if age_secs.saturating_sub(i64::from(self.window_start)) > window {
+        if !self.window_covers(age_secs, cfg) {
             self.window_start = i32::try_from(age_secs).unwrap_or(i32::MAX);
             self.hits_in_window = 0;
         }
@@ -327,9 +334,49 @@ impl Entry {
         if self.prefetch_signalled || self.hits_in_window < cfg.prefetch_hits {
             return false;
         }
+        self.claim_refresh_if_due(age, cfg, self.prefetch_jitter)
+    }
+
+    /// The idle sweep's test, for entries whose prefetch point passed without a hit to
+    /// trigger the refresh: a popular question (asked ≥ `prefetch_hits` times within the
+    /// window) is refreshed anyway, at most `prefetch_unasked` times in a row while nobody asks.
+    /// A name asked every few seconds then never waits for a miss after a pause of up to
+    /// about `prefetch_unasked` TTLs, and one that stopped being asked costs at most that
+    /// many upstream queries. True at most once per entry (shared with the hit path).
+    pub(super) fn claim_idle_refresh(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
+        let age = now.saturating_duration_since(self.stored);
+        let unasked_refreshes = if self.asked {
+            0
+        } else {
+            self.unasked_before.saturating_add(1)
+        };
+        let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        if self.prefetch_signalled
+            || unasked_refreshes >= cfg.prefetch_unasked
+            || age >= self.ttl_duration()
+            || self.hits_in_window < cfg.prefetch_hits
+            || !self.window_covers(age_secs, cfg)
+        {
+            return false;
+        }
+        // Half-way through the prefetch window: a name still being asked is usually
+        // refreshed by its next hit first, spread out as hits come, instead of in the
+        // sweep's batches.
+        self.claim_refresh_if_due(age, cfg, self.prefetch_jitter / 2)
+    }
+
+    /// Whether the hit-counting window that began at `window_start` still runs at `age`.
+    fn window_covers(&self, age_secs: i64, cfg: &CacheConfig) -> bool {
+        let window = i64::try_from(cfg.prefetch_window.as_secs()).unwrap_or(i64::MAX);
+        age_secs.saturating_sub(i64::from(self.window_start)) <= window
+    }
+
+    /// Marks the entry as being refreshed once less than `share_256ths` of its prefetch
+    /// share of the TTL is left.
+    fn claim_refresh_if_due(&mut self, age: Duration, cfg: &CacheConfig, share_256ths: u8) -> bool {
         let ttl_ms = u128::from(self.ttl) * 1000;
         let left_ms = ttl_ms.saturating_sub(age.as_millis());
-        let threshold = u128::from(cfg.prefetch_percent) * u128::from(self.prefetch_jitter);
+        let threshold = u128::from(cfg.prefetch_percent) * u128::from(share_256ths);
         if left_ms * 100 * 256 < ttl_ms * threshold {
             self.prefetch_signalled = true;
             return true;
@@ -344,6 +391,31 @@ impl Entry {
         let start = i64::from(old.window_start) - i64::try_from(gap).unwrap_or(i64::MAX);
         self.window_start = i32::try_from(start).unwrap_or(i32::MIN);
         self.hits_in_window = old.hits_in_window;
+        self.unasked_before = if old.asked {
+            0
+        } else {
+            old.unasked_before.saturating_add(1)
+        };
+    }
+
+    /// A query for this entry's question with its DO and CD bits (ID 0, RD=1): what the idle
+    /// sweep hands to the forwarder, which builds its own upstream query from it.
+    pub(super) fn refresh_query(&self) -> Vec<u8> {
+        let question = &self.wire()[HEADER_LEN..usize::from(self.question_end)];
+        let mut flags = flag::RD;
+        if self.key_flags & FLAG_CD != 0 {
+            flags |= flag::CD;
+        }
+        let edns = self.key_flags & FLAG_DO != 0;
+        let mut q = Vec::with_capacity(HEADER_LEN + question.len() + OPT_LEN);
+        q.extend_from_slice(&[0, 0]);
+        q.extend_from_slice(&flags.to_be_bytes());
+        q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
+        q.extend_from_slice(question);
+        if edns {
+            wire::write_opt_record(&mut q, 0, true);
+        }
+        q
     }
 
     /// Writes the reply for client query `q` into `out` (cleared first).

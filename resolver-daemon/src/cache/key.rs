@@ -14,8 +14,8 @@ const FIXED_LEN: usize = HASH_LEN + 5;
 /// lowercased a word at a time.
 const KEY_MAX: usize = FIXED_LEN + MAX_NAME_LEN + 7;
 
-const FLAG_DO: u8 = 1;
-const FLAG_CD: u8 = 2;
+pub(super) const FLAG_DO: u8 = 1;
+pub(super) const FLAG_CD: u8 = 2;
 
 pub(super) struct CacheKey {
     bytes: [u8; KEY_MAX],

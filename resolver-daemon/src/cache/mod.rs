@@ -46,6 +46,8 @@ pub struct CacheConfig {
     pub prefetch_hits: u32,
     pub prefetch_window: Duration,
     pub prefetch_percent: u8,
+    /// Refreshes in a row the idle sweep may give a popular entry nobody asks for (0: none).
+    pub prefetch_unasked: u8,
 }
 
 impl Default for CacheConfig {
@@ -64,6 +66,7 @@ impl Default for CacheConfig {
             prefetch_hits: 10,
             prefetch_window: Duration::from_secs(60),
             prefetch_percent: 25,
+            prefetch_unasked: 1,
         }
     }
 }
@@ -230,6 +233,31 @@ impl Cache {
             Ok(()) => Inserted::Cached(kind),
             Err(reason) => Inserted::NotCached(reason),
         }
+    }
+
+    /// One step of the idle sweep (see `Entry::claim_idle_refresh`): scans the `part`-th of
+    /// `parts` slices of every shard, one shard lock at a time, and returns the queries of
+    /// popular entries that came due with nobody asking, at most `max`.
+    pub fn idle_refreshes(
+        &self,
+        now: Instant,
+        (part, parts): (usize, usize),
+        max: usize,
+    ) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        if self.cfg.prefetch_unasked == 0 || parts == 0 {
+            return out;
+        }
+        for shard in self.shards.iter() {
+            lock(shard).collect_idle_refreshes(
+                (part % parts, parts),
+                now,
+                &self.cfg,
+                &mut out,
+                max,
+            );
+        }
+        out
     }
 
     pub fn stats(&self) -> CacheStats {

@@ -2,7 +2,7 @@
 
 use super::entry::{Entry, Freshness, PreparedEntry};
 use super::key::{CacheKey, PrehashedState};
-use super::{CacheStats, EntryKind};
+use super::{CacheConfig, CacheStats, EntryKind};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,29 @@ impl Shard {
         self.map.insert(key.as_bytes().into(), slot);
         self.enforce_limits(slot, now, stale_window);
         Ok(())
+    }
+
+    /// One slice of the idle sweep: the `part`-th of `parts` equal slices of the slab.
+    /// Appends the refresh queries of entries that claim an idle refresh to `out`, stopping
+    /// when it holds `max` (the rest are claimed on a later pass while still fresh).
+    pub(super) fn collect_idle_refreshes(
+        &mut self,
+        (part, parts): (usize, usize),
+        now: Instant,
+        cfg: &CacheConfig,
+        out: &mut Vec<Vec<u8>>,
+        max: usize,
+    ) {
+        let len = self.slots.len();
+        let slice = len * part / parts..len * (part + 1) / parts;
+        for entry in self.slots[slice].iter_mut().flatten() {
+            if out.len() >= max {
+                return;
+            }
+            if entry.claim_idle_refresh(now, cfg) {
+                out.push(entry.refresh_query());
+            }
+        }
     }
 
     pub(super) fn stats(&self) -> CacheStats {

@@ -822,6 +822,184 @@ fn prefetch_points_spread_over_the_first_half_of_the_window() {
     assert!(signalled.iter().all(|(_, n)| *n <= 200), "{signalled:?}");
 }
 
+/// Everything the idle sweep claims at `at`, one whole pass.
+fn sweep(f: &Fixture, at: Instant) -> Vec<Vec<u8>> {
+    (0..4)
+        .flat_map(|part| f.cache.idle_refreshes(at, (part, 4), usize::MAX))
+        .collect()
+}
+
+fn popular_name(f: &Fixture, name: &str, ttl: u32, hits: u64) {
+    f.insert_a(name, ttl);
+    for i in 0..hits {
+        f.answer(name, ask(), i / 10);
+    }
+}
+
+/// A name asked steadily, then paused (a job that runs every few seconds, the gap between
+/// two benchmark runs): its entry comes due with nobody asking. The sweep refreshes it once,
+/// half-way through its prefetch window; the refreshed entry, still unasked, is left to
+/// expire, so a name no longer asked costs one upstream query, not one per TTL forever.
+#[test]
+fn popular_entries_coming_due_unasked_are_refreshed_once() {
+    let f = Fixture::new(small_config());
+    let name = "periodic.example.com.";
+    popular_name(&f, name, 20, 10);
+    assert!(
+        sweep(&f, f.at(15)).is_empty(),
+        "25 % left: the hit path's turn"
+    );
+    assert!(
+        sweep(&f, f.at(17)).is_empty(),
+        "15 % left: above the sweep's half of the window (6.25–12.5 %)"
+    );
+    let claimed = sweep(&f, f.at(19));
+    assert_eq!(claimed.len(), 1, "5 % left, popular, unasked: refreshed");
+    let m = Message::from_vec(&claimed[0]).unwrap();
+    assert_eq!(m.queries[0].name().to_ascii(), name);
+    let q = parse_query(&claimed[0]).unwrap();
+    assert_eq!((q.qtype, q.qclass), (1, 1));
+    assert!(q.recursion_desired() && !q.dnssec_ok() && !q.checking_disabled());
+    assert!(sweep(&f, f.at(19)).is_empty(), "claimed once");
+    assert!(
+        !matches!(
+            f.answer(name, ask(), 19),
+            Some((_, Answer::Fresh { prefetch: true, .. }))
+        ),
+        "the hit path does not refresh it a second time"
+    );
+
+    // The refresh lands at 19 s; nobody asks any more.
+    let query = query_bytes(name, ask());
+    let response = reply(&query, ResponseCode::NoError, vec![a(name, 20, 1)], vec![]);
+    f.cache
+        .insert(&parse_query(&query).unwrap(), &response, f.at(19));
+    assert!(
+        sweep(&f, f.at(38)).is_empty(),
+        "popular but unasked since the last refresh: left to expire"
+    );
+}
+
+/// With the refreshed entry asked again, the name is kept warm through the next pause too.
+#[test]
+fn an_asked_refresh_renews_the_allowance() {
+    let f = Fixture::new(small_config());
+    let name = "again.example.com.";
+    popular_name(&f, name, 20, 10);
+    assert_eq!(sweep(&f, f.at(19)).len(), 1);
+    let query = query_bytes(name, ask());
+    let response = reply(&query, ResponseCode::NoError, vec![a(name, 20, 1)], vec![]);
+    f.cache
+        .insert(&parse_query(&query).unwrap(), &response, f.at(19));
+    f.answer(name, ask(), 21);
+    assert_eq!(sweep(&f, f.at(38)).len(), 1, "asked since: refreshed again");
+}
+
+#[test]
+fn the_sweep_leaves_unpopular_unasked_and_expired_entries_alone() {
+    let f = Fixture::new(small_config());
+    popular_name(&f, "rare.example.com.", 20, 9);
+    f.insert_a("never.example.com.", 20);
+    popular_name(&f, "gone.example.com.", 5, 10);
+    assert!(
+        sweep(&f, f.at(19)).is_empty(),
+        "9 hits < 10; never asked; already expired at 5 s"
+    );
+}
+
+#[test]
+fn prefetch_unasked_zero_turns_the_sweep_off() {
+    let f = Fixture::new(CacheConfig {
+        prefetch_unasked: 0,
+        ..small_config()
+    });
+    popular_name(&f, "off.example.com.", 20, 10);
+    assert!(sweep(&f, f.at(19)).is_empty());
+}
+
+/// The refresh query asks what the entry is keyed by: DO and CD travel with it, so the
+/// answer replaces this entry and not its plain twin.
+#[test]
+fn refresh_queries_keep_the_do_and_cd_bits() {
+    let f = Fixture::new(small_config());
+    let name = "signed.example.com.";
+    let o = Ask {
+        dnssec_ok: true,
+        checking_disabled: true,
+        qtype: Some(RecordType::AAAA),
+        ..ask()
+    };
+    let query = query_bytes(name, o);
+    let response = reply(
+        &query,
+        ResponseCode::NoError,
+        vec![],
+        vec![soa("example.com.", 60, 20)],
+    );
+    f.cache
+        .insert(&parse_query(&query).unwrap(), &response, f.t0);
+    for i in 0..10 {
+        f.answer(name, o, i / 10);
+    }
+    let late = f.t0 + Duration::from_millis(4700);
+    let claimed = sweep(&f, late);
+    assert_eq!(claimed.len(), 1, "a popular denial: 5 s clamp, 0.3 s left");
+    let q = parse_query(&claimed[0]).unwrap();
+    assert!(q.dnssec_ok() && q.checking_disabled());
+    assert_eq!(q.qtype, 28);
+    assert_eq!(
+        f.cache.insert(
+            &q,
+            &reply(
+                &claimed[0],
+                ResponseCode::NoError,
+                vec![],
+                vec![soa("example.com.", 60, 20)]
+            ),
+            late
+        ),
+        Inserted::Cached(EntryKind::Denial),
+    );
+    assert_eq!(
+        f.cache.stats().denial_entries,
+        1,
+        "replaced, not duplicated"
+    );
+}
+
+/// A sweep step visits only its slice: together the slices cover every entry once.
+#[test]
+fn sweep_slices_partition_the_cache() {
+    let f = Fixture::new(small_config());
+    for i in 0..40 {
+        popular_name(&f, &format!("n{i}.example.com."), 20, 10);
+    }
+    let per_part: Vec<usize> = (0..4)
+        .map(|part| {
+            f.cache
+                .idle_refreshes(f.at(19), (part, 4), usize::MAX)
+                .len()
+        })
+        .collect();
+    assert_eq!(per_part.iter().sum::<usize>(), 40, "{per_part:?}");
+    assert!(per_part.iter().all(|&n| n < 40), "{per_part:?}");
+    assert!(sweep(&f, f.at(19)).is_empty());
+}
+
+#[test]
+fn a_sweep_step_stops_at_its_maximum() {
+    let f = Fixture::new(small_config());
+    for i in 0..10 {
+        popular_name(&f, &format!("m{i}.example.com."), 20, 10);
+    }
+    assert_eq!(f.cache.idle_refreshes(f.at(19), (0, 1), 3).len(), 3);
+    assert_eq!(
+        f.cache.idle_refreshes(f.at(19), (0, 1), 100).len(),
+        7,
+        "the rest, later"
+    );
+}
+
 /// A question asked 10 times long ago is not popular now: the window restarts.
 #[test]
 fn inherited_popularity_expires_with_its_window() {

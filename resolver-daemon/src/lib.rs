@@ -5,6 +5,7 @@
 //! exchange) → `cache::insert` → reply; `metrics` counts every step; `server` wires it all.
 pub mod cache;
 pub mod config;
+pub mod drain;
 pub mod http;
 pub mod metrics;
 pub mod resolve;

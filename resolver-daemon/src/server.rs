@@ -158,7 +158,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 })?;
                 listeners.push(Listener {
                     addr,
-                    reply: ReplyHandle::new(clone),
+                    reply: ReplyHandle::new(clone, addr),
                     udp_metrics: udp_metrics.clone(),
                 });
             }

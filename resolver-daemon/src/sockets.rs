@@ -14,7 +14,7 @@ pub struct SocketError {
     pub source: io::Error,
 }
 
-fn domain(addr: &SocketAddr) -> Domain {
+pub(crate) fn domain(addr: &SocketAddr) -> Domain {
     if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -22,7 +22,7 @@ fn domain(addr: &SocketAddr) -> Domain {
     }
 }
 
-fn set_freebind(s: &Socket, addr: &SocketAddr) -> io::Result<()> {
+pub(crate) fn set_freebind(s: &Socket, addr: &SocketAddr) -> io::Result<()> {
     if addr.is_ipv4() {
         s.set_freebind_v4(true)
     } else {

@@ -6,6 +6,7 @@
 //! than the upstream exchange itself on a virtualised node.
 
 use crate::cache::Cache;
+use crate::drain::RawUdpSender;
 use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
 use crate::resolve::{Fast, RCODE_SERVFAIL, answer_fast};
 use crate::wire;
@@ -45,29 +46,58 @@ pub struct Miss {
     pub received: Instant,
 }
 
-/// Sends replies from the tokio side through a listener's socket; emptied at shutdown so the
-/// socket really closes (DESIGN.md §1: the closed socket is the fallback).
-#[derive(Clone, Default)]
-pub struct ReplyHandle(Arc<RwLock<Option<Arc<Socket>>>>);
+/// Sends replies from the tokio side through a listener's socket. At shutdown the socket
+/// closes (DESIGN.md §1: the closed socket is the fallback) and answers to queries still in
+/// flight leave through a raw socket with the listener's address and port (`drain`).
+#[derive(Clone)]
+pub struct ReplyHandle {
+    path: Arc<RwLock<ReplyPath>>,
+    local: SocketAddr,
+}
+
+#[derive(Clone)]
+enum ReplyPath {
+    Socket(Arc<Socket>),
+    Raw(Arc<RawUdpSender>),
+    Closed,
+}
 
 impl ReplyHandle {
-    pub fn new(sock: Socket) -> Self {
-        Self(Arc::new(RwLock::new(Some(Arc::new(sock)))))
+    pub fn new(sock: Socket, local: SocketAddr) -> Self {
+        Self {
+            path: Arc::new(RwLock::new(ReplyPath::Socket(Arc::new(sock)))),
+            local,
+        }
     }
 
     /// Best effort, never blocks: a full send buffer drops the reply (the client retries).
     pub fn send(&self, bytes: &[u8], peer: SocketAddr) {
-        let sock = self.0.read().ok().and_then(|g| g.clone());
-        if let Some(Err(e)) =
-            sock.map(|s| s.send_to_with_flags(bytes, &SockAddr::from(peer), libc::MSG_DONTWAIT))
-        {
+        let path = self.path.read().map_or(ReplyPath::Closed, |g| g.clone());
+        let sent = match path {
+            ReplyPath::Socket(s) => s
+                .send_to_with_flags(bytes, &SockAddr::from(peer), libc::MSG_DONTWAIT)
+                .map(drop),
+            ReplyPath::Raw(raw) => raw.send(bytes, peer),
+            ReplyPath::Closed => Ok(()),
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, %peer, "udp reply not sent");
         }
     }
 
+    /// Drops this handle's descriptor of the listening socket and switches to the raw path
+    /// for the grace period (without CAP_NET_RAW those answers are dropped; clients retry
+    /// and reach kube-proxy).
     pub fn close(&self) {
-        if let Ok(mut g) = self.0.write() {
-            *g = None;
+        let next = match RawUdpSender::open(self.local) {
+            Ok(raw) => ReplyPath::Raw(Arc::new(raw)),
+            Err(e) => {
+                tracing::info!(error = %e, listen = %self.local, "answers to UDP queries in flight at shutdown will be dropped");
+                ReplyPath::Closed
+            }
+        };
+        if let Ok(mut g) = self.path.write() {
+            *g = next;
         }
     }
 }

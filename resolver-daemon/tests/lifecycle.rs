@@ -216,6 +216,44 @@ fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
     );
 }
 
+/// A UDP query forwarded just before SIGTERM is still answered although the listener closed
+/// meanwhile: the answer leaves through a raw socket with the listener's address and port,
+/// so the client's connected socket accepts it (needs CAP_NET_RAW: root, as in CI).
+#[test]
+fn udp_queries_in_flight_at_sigterm_are_still_answered() {
+    let up = answering(75, Duration::from_millis(800));
+    let mut d = Daemon::start(
+        74,
+        &[up.addr],
+        &["--grace-period", "5s", "--health-check-interval", "1h"],
+    );
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(d.dns).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    client
+        .send(&query(77, "in-flight.example", 1, None))
+        .unwrap();
+    wait_until("query upstream", Duration::from_secs(5), || {
+        up.count("in-flight.example") >= 1
+    });
+    d.sigterm();
+    wait_until("udp listener closed", Duration::from_secs(3), || {
+        std::net::UdpSocket::bind(d.dns).is_ok()
+    });
+    let mut buf = [0u8; 512];
+    let n = client
+        .recv(&mut buf)
+        .expect("the answer arrives after the listener closed");
+    assert_eq!(
+        (id_of(&buf[..n]), answers(&buf[..n])),
+        (77, vec!["192.0.2.1".to_string()])
+    );
+    let status = d.proc.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
 #[test]
 fn the_watchdog_probe_sees_a_live_daemon_and_a_dead_socket() {
     let up = answering(55, Duration::ZERO);

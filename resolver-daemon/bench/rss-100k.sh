@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RSS of the daemon idle and after caching 100k distinct positive answers (wildcard zone).
 set -euo pipefail
-D=$(mktemp -d); trap 'kill $KP $DP 2>/dev/null; rm -rf $D' EXIT
+D=$(mktemp -d); trap 'kill $KP $DP 2>/dev/null; wait 2>/dev/null; rm -rf $D' EXIT
 cat > $D/wild.zone <<Z
 \$TTL 300
 @ IN SOA ns hostmaster 1 3600 600 86400 60

@@ -207,26 +207,7 @@ impl Topology {
 
     /// `dig` from the pod: the A records (or empty on failure).
     fn dig_from_pod(&self, server: &str, name: &str) -> Vec<String> {
-        let out = output(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.pod,
-            "dig",
-            "+short",
-            "+time=3",
-            "+tries=1",
-            &format!("@{server}"),
-            name,
-            "A",
-        ]);
-        let mut v: Vec<String> = out
-            .lines()
-            .filter(|l| !l.starts_with(';'))
-            .map(str::to_string)
-            .collect();
-        v.sort();
-        v
+        dig_in(&self.pod, server, name)
     }
 
     /// Runs `f` on a thread inside the node namespace (HTTP to the daemon's loopback).
@@ -240,6 +221,30 @@ impl Topology {
         .join()
         .unwrap()
     }
+}
+
+/// `dig` in namespace `ns`: the A records (or empty on failure).
+fn dig_in(ns: &str, server: &str, name: &str) -> Vec<String> {
+    let out = output(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "dig",
+        "+short",
+        "+time=3",
+        "+tries=1",
+        &format!("@{server}"),
+        name,
+        "A",
+    ]);
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
 }
 
 fn knot_in_node(t: &Topology, dir: &std::path::Path) -> Proc {
@@ -376,16 +381,35 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
     assert_eq!(t.dig_from_pod(CLUSTER_IP, "www.example.test"), WWW);
     // ...and once the cache is gone, pods fall back through the DNAT at once.
     let mut knot = knot_in_node(&t, dir.path());
-    daemon.kill();
     wait_until("knotd back", Duration::from_secs(20), || {
         t.dig_from_pod(CLUSTER_DNS_POD, "www.example.test") == WWW
     });
+    answers_in_flight_at_sigterm(&t, &knot, &mut daemon);
     assert_eq!(
         t.dig_from_pod(CLUSTER_IP, "www.example.test"),
         WWW,
         "fallback through kube-proxy"
     );
     knot.kill();
+}
+
+/// SIGTERM while a pod's query waits for the (paused) cluster DNS: the listener closes at
+/// once, and the answer still reaches the pod from ClusterIP:53, sent through the raw socket
+/// and kept out of conntrack by the raw OUTPUT rule; the daemon exits 0.
+fn answers_in_flight_at_sigterm(t: &Topology, knot: &Proc, daemon: &mut Proc) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let signal = |p: &Proc, s| kill(Pid::from_raw(p.pid()), s).unwrap();
+    signal(knot, Signal::SIGSTOP);
+    let pod = t.pod.clone();
+    let in_flight = std::thread::spawn(move || dig_in(&pod, CLUSTER_IP, "short.example.test"));
+    std::thread::sleep(Duration::from_millis(300));
+    signal(daemon, Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(knot, Signal::SIGCONT);
+    assert_eq!(in_flight.join().unwrap(), ["192.0.2.20"]);
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]

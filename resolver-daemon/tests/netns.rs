@@ -3,7 +3,8 @@
 //! daemon holds ClusterIP:53 on a node-local interface behind the raw NOTRACK rules, and
 //! forwards misses to that same ClusterIP, which kube-proxy-style nat DNAT sends to a
 //! stand-in cluster DNS (knotd). Answers must come from knotd through the DNAT — no loop —
-//! and, once the daemon is gone, straight through the DNAT (the closed socket is the fallback).
+//! an answer in flight at SIGTERM still reaches the pod from ClusterIP:53 (raw socket), and,
+//! once the daemon is gone, straight through the DNAT (the closed socket is the fallback).
 mod common;
 use common::*;
 use std::net::SocketAddr;

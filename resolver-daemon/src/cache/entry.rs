@@ -344,19 +344,22 @@ impl Entry {
     /// about `prefetch_unasked` TTLs, and one that stopped being asked costs at most that
     /// many upstream queries. True at most once per entry (shared with the hit path).
     pub(super) fn claim_idle_refresh(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
-        let age = now.saturating_duration_since(self.stored);
         let unasked_refreshes = if self.asked {
             0
         } else {
             self.unasked_before.saturating_add(1)
         };
-        let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        // Cheap field tests first: most entries of a full cache fail one of them, and the
+        // sweep visits every entry four times a second.
         if self.prefetch_signalled
             || unasked_refreshes >= cfg.prefetch_unasked
-            || age >= self.ttl_duration()
             || self.hits_in_window < cfg.prefetch_hits
-            || !self.window_covers(age_secs, cfg)
         {
+            return false;
+        }
+        let age = now.saturating_duration_since(self.stored);
+        let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        if age >= self.ttl_duration() || !self.window_covers(age_secs, cfg) {
             return false;
         }
         // Half-way through the prefetch window: a name still being asked is usually

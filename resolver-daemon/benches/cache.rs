@@ -154,7 +154,7 @@ fn bench_idle_sweep(c: &mut Criterion) {
     c.bench_function("idle sweep/full pass, full cache of popular entries", |b| {
         b.iter(|| {
             (0..10)
-                .map(|part| cache.idle_refreshes(now, (part, 10), 256).len())
+                .map(|part| cache.idle_refreshes(now, (part, 10), 256).watched)
                 .sum::<usize>()
         })
     });

@@ -26,6 +26,8 @@ pub const TCP_LIMIT: usize = 65_535;
 /// (≤ ~1 200 entries at the default capacities) and each tick's batch of refreshes small.
 const IDLE_SWEEP_TICK: Duration = Duration::from_millis(25);
 const IDLE_SWEEP_PARTS: usize = 10;
+/// Pause between whole-cache checks while nothing popular is cached.
+const IDLE_SWEEP_QUIET: Duration = Duration::from_secs(1);
 /// Most refreshes one tick starts; the rest are claimed a pass later.
 const IDLE_SWEEP_MAX: usize = 256;
 
@@ -251,21 +253,41 @@ impl Resolver {
     }
 
     /// Refreshes popular entries whose prefetch point passed with nobody asking
-    /// (`Cache::idle_refreshes`), forever; counts them in `started`.
+    /// (`Cache::idle_refreshes`), forever; counts them in `started`. While a whole pass finds
+    /// no popular entry to watch (an idle node), the cache is checked once a second in one
+    /// step instead of 40 small ones.
     pub async fn sweep_idle_entries(self: Arc<Self>, started: prometheus::IntCounter) {
         let mut tick = tokio::time::interval(IDLE_SWEEP_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for part in (0..IDLE_SWEEP_PARTS).cycle() {
-            tick.tick().await;
-            let slice = (part, IDLE_SWEEP_PARTS);
-            let queries = self
-                .cache
-                .idle_refreshes(Instant::now(), slice, IDLE_SWEEP_MAX);
-            started.inc_by(queries.len() as u64);
-            queries
-                .into_iter()
-                .for_each(|q| self.refresh_in_background(q));
+        loop {
+            let mut watched = 0;
+            for part in 0..IDLE_SWEEP_PARTS {
+                tick.tick().await;
+                watched += self.sweep_step((part, IDLE_SWEEP_PARTS), &started);
+            }
+            while watched == 0 {
+                tokio::time::sleep(IDLE_SWEEP_QUIET).await;
+                watched = self.sweep_step((0, 1), &started);
+            }
+            tick.reset();
         }
+    }
+
+    /// Starts the refreshes one sweep step claims; returns how many entries it watches.
+    fn sweep_step(
+        self: &Arc<Self>,
+        slice: (usize, usize),
+        started: &prometheus::IntCounter,
+    ) -> usize {
+        let sweep = self
+            .cache
+            .idle_refreshes(Instant::now(), slice, IDLE_SWEEP_MAX);
+        started.inc_by(sweep.queries.len() as u64);
+        sweep
+            .queries
+            .into_iter()
+            .for_each(|q| self.refresh_in_background(q));
+        sweep.watched
     }
 
     /// Prefetch or stale refresh: forwards (joining any in-flight query) and caches.

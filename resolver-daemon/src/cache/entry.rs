@@ -203,6 +203,17 @@ pub(super) enum Freshness {
     Dead,
 }
 
+/// What the idle sweep found an entry to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdleState {
+    /// Not popular, already being refreshed, out of unasked refreshes, or expired.
+    Ignored,
+    /// Popular and fresh, not due yet: the sweep must keep looking at it.
+    Watched,
+    /// Due: refreshed by the sweep (marked as signalled).
+    Claimed,
+}
+
 /// How answer TTLs are rewritten on the way out.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum TtlRewrite {
@@ -343,7 +354,7 @@ impl Entry {
     /// A name asked every few seconds then never waits for a miss after a pause of up to
     /// about `prefetch_unasked` TTLs, and one that stopped being asked costs at most that
     /// many upstream queries. True at most once per entry (shared with the hit path).
-    pub(super) fn claim_idle_refresh(&mut self, now: Instant, cfg: &CacheConfig) -> bool {
+    pub(super) fn claim_idle_refresh(&mut self, now: Instant, cfg: &CacheConfig) -> IdleState {
         let unasked_refreshes = if self.asked {
             0
         } else {
@@ -355,17 +366,21 @@ impl Entry {
             || unasked_refreshes >= cfg.prefetch_unasked
             || self.hits_in_window < cfg.prefetch_hits
         {
-            return false;
+            return IdleState::Ignored;
         }
         let age = now.saturating_duration_since(self.stored);
         let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
         if age >= self.ttl_duration() || !self.window_covers(age_secs, cfg) {
-            return false;
+            return IdleState::Ignored;
         }
         // Half-way through the prefetch window: a name still being asked is usually
         // refreshed by its next hit first, spread out as hits come, instead of in the
         // sweep's batches.
-        self.claim_refresh_if_due(age, cfg, self.prefetch_jitter / 2)
+        if self.claim_refresh_if_due(age, cfg, self.prefetch_jitter / 2) {
+            IdleState::Claimed
+        } else {
+            IdleState::Watched
+        }
     }
 
     /// Whether the hit-counting window that began at `window_start` still runs at `age`.

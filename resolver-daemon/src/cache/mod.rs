@@ -129,6 +129,15 @@ pub enum Inserted {
     NotCached(&'static str),
 }
 
+/// What one idle-sweep step found.
+#[derive(Debug, Default)]
+pub struct IdleSweep {
+    /// Refresh queries for the entries it claimed.
+    pub queries: Vec<Vec<u8>>,
+    /// Popular fresh entries not due yet: zero over a whole pass means nothing to watch.
+    pub watched: usize,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub success_entries: usize,
@@ -236,28 +245,29 @@ impl Cache {
     }
 
     /// One step of the idle sweep (see `Entry::claim_idle_refresh`): scans the `part`-th of
-    /// `parts` slices of every shard, one shard lock at a time, and returns the queries of
-    /// popular entries that came due with nobody asking, at most `max`.
+    /// `parts` slices of every shard, one shard lock at a time; returns the queries of
+    /// popular entries that came due with nobody asking (at most `max`) and how many popular
+    /// entries it saw that are not due yet.
     pub fn idle_refreshes(
         &self,
         now: Instant,
         (part, parts): (usize, usize),
         max: usize,
-    ) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
+    ) -> IdleSweep {
+        let mut sweep = IdleSweep::default();
         if self.cfg.prefetch_unasked == 0 || parts == 0 {
-            return out;
+            return sweep;
         }
         for shard in self.shards.iter() {
             lock(shard).collect_idle_refreshes(
                 (part % parts, parts),
                 now,
                 &self.cfg,
-                &mut out,
+                &mut sweep,
                 max,
             );
         }
-        out
+        sweep
     }
 
     pub fn stats(&self) -> CacheStats {

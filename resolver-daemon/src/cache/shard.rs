@@ -1,8 +1,8 @@
 //! One cache shard: a map from key to slab slot, and one intrusive LRU list per entry kind.
 
-use super::entry::{Entry, Freshness, PreparedEntry};
+use super::entry::{Entry, Freshness, IdleState, PreparedEntry};
 use super::key::{CacheKey, PrehashedState};
-use super::{CacheConfig, CacheStats, EntryKind};
+use super::{CacheConfig, CacheStats, EntryKind, IdleSweep};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -101,24 +101,27 @@ impl Shard {
     }
 
     /// One slice of the idle sweep: the `part`-th of `parts` equal slices of the slab.
-    /// Appends the refresh queries of entries that claim an idle refresh to `out`, stopping
-    /// when it holds `max` (the rest are claimed on a later pass while still fresh).
+    /// Appends the refresh queries of entries that claim an idle refresh to `sweep`, stopping
+    /// when it holds `max` (the rest are claimed on a later pass while still fresh), and
+    /// counts the entries it must keep watching.
     pub(super) fn collect_idle_refreshes(
         &mut self,
         (part, parts): (usize, usize),
         now: Instant,
         cfg: &CacheConfig,
-        out: &mut Vec<Vec<u8>>,
+        sweep: &mut IdleSweep,
         max: usize,
     ) {
         let len = self.slots.len();
         let slice = len * part / parts..len * (part + 1) / parts;
         for entry in self.slots[slice].iter_mut().flatten() {
-            if out.len() >= max {
+            if sweep.queries.len() >= max {
                 return;
             }
-            if entry.claim_idle_refresh(now, cfg) {
-                out.push(entry.refresh_query());
+            match entry.claim_idle_refresh(now, cfg) {
+                IdleState::Ignored => {}
+                IdleState::Watched => sweep.watched += 1,
+                IdleState::Claimed => sweep.queries.push(entry.refresh_query()),
             }
         }
     }

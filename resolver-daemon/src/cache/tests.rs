@@ -825,7 +825,7 @@ fn prefetch_points_spread_over_the_first_half_of_the_window() {
 /// Everything the idle sweep claims at `at`, one whole pass.
 fn sweep(f: &Fixture, at: Instant) -> Vec<Vec<u8>> {
     (0..4)
-        .flat_map(|part| f.cache.idle_refreshes(at, (part, 4), usize::MAX))
+        .flat_map(|part| f.cache.idle_refreshes(at, (part, 4), usize::MAX).queries)
         .collect()
 }
 
@@ -907,6 +907,28 @@ fn the_sweep_leaves_unpopular_unasked_and_expired_entries_alone() {
     );
 }
 
+/// What keeps the sweep on its fast pace: popular fresh entries it will have to claim.
+#[test]
+fn the_sweep_counts_the_popular_entries_it_watches() {
+    let f = Fixture::new(small_config());
+    popular_name(&f, "watched.example.com.", 20, 10);
+    popular_name(&f, "rare.example.com.", 20, 9);
+    let early = f.cache.idle_refreshes(f.at(5), (0, 1), usize::MAX);
+    assert_eq!((early.queries.len(), early.watched), (0, 1));
+    let due = f.cache.idle_refreshes(f.at(19), (0, 1), usize::MAX);
+    assert_eq!(
+        (due.queries.len(), due.watched),
+        (1, 0),
+        "claimed, no longer watched"
+    );
+    let gone = f.cache.idle_refreshes(f.at(25), (0, 1), usize::MAX);
+    assert_eq!(
+        (gone.queries.len(), gone.watched),
+        (0, 0),
+        "expired: nothing to watch"
+    );
+}
+
 #[test]
 fn prefetch_unasked_zero_turns_the_sweep_off() {
     let f = Fixture::new(CacheConfig {
@@ -978,6 +1000,7 @@ fn sweep_slices_partition_the_cache() {
         .map(|part| {
             f.cache
                 .idle_refreshes(f.at(19), (part, 4), usize::MAX)
+                .queries
                 .len()
         })
         .collect();
@@ -992,9 +1015,9 @@ fn a_sweep_step_stops_at_its_maximum() {
     for i in 0..10 {
         popular_name(&f, &format!("m{i}.example.com."), 20, 10);
     }
-    assert_eq!(f.cache.idle_refreshes(f.at(19), (0, 1), 3).len(), 3);
+    assert_eq!(f.cache.idle_refreshes(f.at(19), (0, 1), 3).queries.len(), 3);
     assert_eq!(
-        f.cache.idle_refreshes(f.at(19), (0, 1), 100).len(),
+        f.cache.idle_refreshes(f.at(19), (0, 1), 100).queries.len(),
         7,
         "the rest, later"
     );

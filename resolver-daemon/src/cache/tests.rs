@@ -135,6 +135,14 @@ impl Fixture {
         self.insert(name, ask(), ResponseCode::NoError, answers, vec![])
     }
 
+    /// A refreshed A answer for `name` stored at `secs` (replacing the entry).
+    fn refresh_a(&self, name: &str, ttl: u32, secs: u64) -> Inserted {
+        let query = query_bytes(name, ask());
+        let response = reply(&query, ResponseCode::NoError, vec![a(name, ttl, 1)], vec![]);
+        self.cache
+            .insert(&parse_query(&query).unwrap(), &response, self.at(secs))
+    }
+
     /// `answer` at `secs` with a 4096-byte limit; the parsed reply on a hit.
     fn answer(&self, name: &str, o: Ask, secs: u64) -> Option<(Message, Answer)> {
         let query = query_bytes(name, o);
@@ -714,15 +722,7 @@ fn prefetch_is_signalled_once_per_refresh_cycle() {
     );
     assert!(!prefetch(19), "only once");
     // The refresh replaces the entry and starts a new cycle.
-    let query = query_bytes("pf.example.com.", ask());
-    let response = reply(
-        &query,
-        ResponseCode::NoError,
-        vec![a("pf.example.com.", 20, 1)],
-        vec![],
-    );
-    f.cache
-        .insert(&parse_query(&query).unwrap(), &response, f.at(19));
+    f.refresh_a("pf.example.com.", 20, 19);
     assert!(!prefetch(20));
     assert!(!prefetch(21));
     assert!(prefetch(37), "new cycle: 10 % left of the refreshed entry");
@@ -870,10 +870,7 @@ fn popular_entries_coming_due_unasked_are_refreshed_once() {
     );
 
     // The refresh lands at 19 s; nobody asks any more.
-    let query = query_bytes(name, ask());
-    let response = reply(&query, ResponseCode::NoError, vec![a(name, 20, 1)], vec![]);
-    f.cache
-        .insert(&parse_query(&query).unwrap(), &response, f.at(19));
+    f.refresh_a(name, 20, 19);
     assert!(
         sweep(&f, f.at(38)).is_empty(),
         "popular but unasked since the last refresh: left to expire"
@@ -887,10 +884,7 @@ fn an_asked_refresh_renews_the_allowance() {
     let name = "again.example.com.";
     popular_name(&f, name, 20, 10);
     assert_eq!(sweep(&f, f.at(19)).len(), 1);
-    let query = query_bytes(name, ask());
-    let response = reply(&query, ResponseCode::NoError, vec![a(name, 20, 1)], vec![]);
-    f.cache
-        .insert(&parse_query(&query).unwrap(), &response, f.at(19));
+    f.refresh_a(name, 20, 19);
     f.answer(name, ask(), 21);
     assert_eq!(sweep(&f, f.at(38)).len(), 1, "asked since: refreshed again");
 }
@@ -1037,15 +1031,7 @@ fn inherited_popularity_expires_with_its_window() {
         f.answer("old.example.com.", ask(), secs);
     }
     // Re-fetched 30 s later (the old entry was stale): its window began 30 s ago.
-    let query = query_bytes("old.example.com.", ask());
-    let response = reply(
-        &query,
-        ResponseCode::NoError,
-        vec![a("old.example.com.", 20, 1)],
-        vec![],
-    );
-    f.cache
-        .insert(&parse_query(&query).unwrap(), &response, f.at(30));
+    f.refresh_a("old.example.com.", 20, 30);
     let prefetch = |secs| {
         matches!(
             f.answer("old.example.com.", ask(), secs),

@@ -7,7 +7,7 @@
 
 use crate::config::UpstreamProto;
 use crate::metrics::{ForwardMetrics, UpstreamMetrics};
-use crate::wire::Query;
+use crate::wire::{Query, build_query};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-const EDNS_SIZE: u16 = 1232;
 /// Upstreams are told 1232 (EDNS); anything over this is not a reply we want.
 const MAX_UDP_REPLY: usize = 4096;
 
@@ -346,25 +345,6 @@ async fn exchange_tcp(
         up.mismatched.fetch_add(1, Ordering::Relaxed);
         Err(ForwardError::Mismatch(up.addr))
     }
-}
-
-/// The upstream query for the client's question: RD, the client's CD, EDNS with our UDP size
-/// and the client's DO bit (DO and CD are part of the cache key).
-pub fn build_query(q: &Query<'_>, id: u16) -> Vec<u8> {
-    let mut m = Vec::with_capacity(12 + q.qname.len() + 4 + 11);
-    let flags: u16 = 0x0100 | (q.flags & 0x0010);
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
-    m.extend_from_slice(q.qname);
-    m.extend_from_slice(&q.qtype.to_be_bytes());
-    m.extend_from_slice(&q.qclass.to_be_bytes());
-    // OPT: root owner, type 41, class = UDP size, TTL = ext-rcode/version/flags, no options.
-    m.extend_from_slice(&[0, 0, 41]);
-    m.extend_from_slice(&EDNS_SIZE.to_be_bytes());
-    let do_bit = if q.dnssec_ok() { 0x80 } else { 0 };
-    m.extend_from_slice(&[0, 0, do_bit, 0, 0, 0]);
-    m
 }
 
 pub fn is_truncated(reply: &[u8]) -> bool {

@@ -244,6 +244,22 @@ pub fn write_opt_record(out: &mut Vec<u8>, rcode: u16, dnssec_ok: bool) {
     out.extend_from_slice(&[0, type_hi, type_lo, size_hi, size_lo, t0, t1, t2, t3, 0, 0]);
 }
 
+/// The query we send for `q`'s question: RD, `q`'s CD, EDNS with our UDP size and `q`'s DO bit
+/// (DO and CD are part of the cache key). Used for upstream queries and, through the
+/// forwarder, for the idle sweep's refreshes.
+pub fn build_query(q: &Query<'_>, id: u16) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER_LEN + q.qname.len() + 4 + 11);
+    let flags = flag::RD | (q.flags & flag::CD);
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
+    m.extend_from_slice(q.qname);
+    m.extend_from_slice(&q.qtype.to_be_bytes());
+    m.extend_from_slice(&q.qclass.to_be_bytes());
+    write_opt_record(&mut m, 0, q.dnssec_ok());
+    m
+}
+
 /// Best-effort read of the question bytes and EDNS of a query that `parse_query` refused.
 fn scan_question_and_edns(query: &[u8]) -> (Option<&[u8]>, Option<Edns>) {
     let Some(header) = Header::read(query) else {

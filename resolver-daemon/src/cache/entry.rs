@@ -7,8 +7,8 @@
 use super::key::{CacheKey, FLAG_CD, FLAG_DO};
 use super::{CacheConfig, EntryKind};
 use crate::wire::{
-    self, HEADER_LEN, Header, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag, put16, put32, rcode,
-    read_rr, skip_name,
+    self, Edns, HEADER_LEN, Header, OUR_UDP_SIZE, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag,
+    put16, put32, rcode, read_rr, skip_name,
 };
 use std::time::{Duration, Instant};
 
@@ -355,15 +355,10 @@ impl Entry {
     /// about `prefetch_unasked` TTLs, and one that stopped being asked costs at most that
     /// many upstream queries. True at most once per entry (shared with the hit path).
     pub(super) fn claim_idle_refresh(&mut self, now: Instant, cfg: &CacheConfig) -> IdleState {
-        let unasked_refreshes = if self.asked {
-            0
-        } else {
-            self.unasked_before.saturating_add(1)
-        };
         // Cheap field tests first: most entries of a full cache fail one of them, and the
         // sweep visits every entry four times a second.
         if self.prefetch_signalled
-            || unasked_refreshes >= cfg.prefetch_unasked
+            || self.unasked_in_a_row() >= cfg.prefetch_unasked
             || self.hits_in_window < cfg.prefetch_hits
         {
             return IdleState::Ignored;
@@ -380,6 +375,15 @@ impl Entry {
             IdleState::Claimed
         } else {
             IdleState::Watched
+        }
+    }
+
+    /// Entries in a row, this one included, that no client was answered from.
+    fn unasked_in_a_row(&self) -> u8 {
+        if self.asked {
+            0
+        } else {
+            self.unasked_before.saturating_add(1)
         }
     }
 
@@ -409,31 +413,33 @@ impl Entry {
         let start = i64::from(old.window_start) - i64::try_from(gap).unwrap_or(i64::MAX);
         self.window_start = i32::try_from(start).unwrap_or(i32::MIN);
         self.hits_in_window = old.hits_in_window;
-        self.unasked_before = if old.asked {
-            0
-        } else {
-            old.unasked_before.saturating_add(1)
-        };
+        self.unasked_before = old.unasked_in_a_row();
     }
 
-    /// A query for this entry's question with its DO and CD bits (ID 0, RD=1): what the idle
-    /// sweep hands to the forwarder, which builds its own upstream query from it.
+    /// A query for this entry's question with its DO and CD bits: what the idle sweep hands
+    /// to the forwarder, so that the answer replaces this very entry.
     pub(super) fn refresh_query(&self) -> Vec<u8> {
         let question = &self.wire()[HEADER_LEN..usize::from(self.question_end)];
-        let mut flags = flag::RD;
-        if self.key_flags & FLAG_CD != 0 {
-            flags |= flag::CD;
-        }
-        let edns = self.key_flags & FLAG_DO != 0;
-        let mut q = Vec::with_capacity(HEADER_LEN + question.len() + OPT_LEN);
-        q.extend_from_slice(&[0, 0]);
-        q.extend_from_slice(&flags.to_be_bytes());
-        q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
-        q.extend_from_slice(question);
-        if edns {
-            wire::write_opt_record(&mut q, 0, true);
-        }
-        q
+        let name_end = question.len().saturating_sub(4);
+        let cd = if self.key_flags & FLAG_CD != 0 {
+            flag::CD
+        } else {
+            0
+        };
+        let q = Query {
+            id: 0,
+            flags: flag::RD | cd,
+            qname: &question[..name_end],
+            qtype: be16(question, name_end),
+            qclass: be16(question, name_end + 2),
+            edns: Some(Edns {
+                version: 0,
+                udp_size: OUR_UDP_SIZE,
+                dnssec_ok: self.key_flags & FLAG_DO != 0,
+            }),
+            question_end: usize::from(self.question_end),
+        };
+        wire::build_query(&q, 0)
     }
 
     /// Writes the reply for client query `q` into `out` (cleared first).

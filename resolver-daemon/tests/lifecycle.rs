@@ -183,30 +183,30 @@ fn tokio_threads_run_below_the_udp_threads() {
     assert_eq!(nice_of.get("udp"), Some(&vec![0]), "{nice_of:?}");
 }
 
-#[test]
-fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
-    let up = answering(53, Duration::from_millis(800));
-    let mut d = Daemon::start(
-        52,
+/// A daemon (address `n`) whose upstream (`n + 1`) answers after 800 ms; 5 s grace period.
+fn daemon_with_slow_upstream(n: u8) -> (FakeUpstream, Daemon) {
+    let up = answering(n + 1, Duration::from_millis(800));
+    let d = Daemon::start(
+        n,
         &[up.addr],
         &["--grace-period", "5s", "--health-check-interval", "1h"],
     );
-    let dns = d.dns;
-    let in_flight =
-        std::thread::spawn(move || tcp_ask(dns, &query(99, "draining.example", 1, None)));
+    (up, d)
+}
+
+/// SIGTERM once `name` reached the upstream; returns when the UDP listener is closed (we can
+/// bind its port ourselves).
+fn sigterm_with_query_in_flight(d: &Daemon, up: &FakeUpstream, name: &str) {
     wait_until("query upstream", Duration::from_secs(5), || {
-        up.count("draining.example") >= 1
+        up.count(name) >= 1
     });
     d.sigterm();
-    // The UDP port is released at once: we can bind it ourselves while the TCP query drains.
     wait_until("udp listener closed", Duration::from_secs(3), || {
-        std::net::UdpSocket::bind(dns).is_ok()
+        std::net::UdpSocket::bind(d.dns).is_ok()
     });
-    let reply = in_flight.join().unwrap();
-    assert_eq!(
-        (id_of(&reply), answers(&reply)),
-        (99, vec!["192.0.2.1".to_string()])
-    );
+}
+
+fn assert_exits_zero(d: &mut Daemon) {
     let status = d.proc.child.wait().unwrap();
     assert_eq!(
         status.code(),
@@ -216,17 +216,28 @@ fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
     );
 }
 
+#[test]
+fn sigterm_closes_the_listener_drains_tcp_and_exits_zero() {
+    let (up, mut d) = daemon_with_slow_upstream(52);
+    let dns = d.dns;
+    let in_flight =
+        std::thread::spawn(move || tcp_ask(dns, &query(99, "draining.example", 1, None)));
+    // The UDP port is released at once, while the TCP query drains.
+    sigterm_with_query_in_flight(&d, &up, "draining.example");
+    let reply = in_flight.join().unwrap();
+    assert_eq!(
+        (id_of(&reply), answers(&reply)),
+        (99, vec!["192.0.2.1".to_string()])
+    );
+    assert_exits_zero(&mut d);
+}
+
 /// A UDP query forwarded just before SIGTERM is still answered although the listener closed
 /// meanwhile: the answer leaves through a raw socket with the listener's address and port,
 /// so the client's connected socket accepts it (needs CAP_NET_RAW: root, as in CI).
 #[test]
 fn udp_queries_in_flight_at_sigterm_are_still_answered() {
-    let up = answering(75, Duration::from_millis(800));
-    let mut d = Daemon::start(
-        74,
-        &[up.addr],
-        &["--grace-period", "5s", "--health-check-interval", "1h"],
-    );
+    let (up, mut d) = daemon_with_slow_upstream(74);
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     client.connect(d.dns).unwrap();
     client
@@ -235,13 +246,7 @@ fn udp_queries_in_flight_at_sigterm_are_still_answered() {
     client
         .send(&query(77, "in-flight.example", 1, None))
         .unwrap();
-    wait_until("query upstream", Duration::from_secs(5), || {
-        up.count("in-flight.example") >= 1
-    });
-    d.sigterm();
-    wait_until("udp listener closed", Duration::from_secs(3), || {
-        std::net::UdpSocket::bind(d.dns).is_ok()
-    });
+    sigterm_with_query_in_flight(&d, &up, "in-flight.example");
     let mut buf = [0u8; 512];
     let n = client
         .recv(&mut buf)
@@ -250,8 +255,7 @@ fn udp_queries_in_flight_at_sigterm_are_still_answered() {
         (id_of(&buf[..n]), answers(&buf[..n])),
         (77, vec!["192.0.2.1".to_string()])
     );
-    let status = d.proc.child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert_exits_zero(&mut d);
 }
 
 #[test]

@@ -237,6 +237,8 @@ fn dashboard_has_the_rows_variables_and_panels_operators_expect() {
     for metric in [
         "coredns_cache_served_stale_total",
         "coredns_cache_prefetch_total",
+        "node_local_dns_prefetch_unasked_total",
+        "node_local_dns_prefetch_dropped_total",
         "node_local_dns_coalesced_queries_total",
         "coredns_nodecache_setup_errors_total",
         "node_local_dns_cni_operation_duration_seconds_sum{job=\"node-local-dns\", node=~\"$node\", command=\"ADD\"}",

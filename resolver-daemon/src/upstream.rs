@@ -7,7 +7,9 @@
 
 use crate::config::UpstreamProto;
 use crate::metrics::{ForwardMetrics, UpstreamMetrics};
+use crate::sockets::domain;
 use crate::wire::{Query, build_query};
+use socket2::{Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -292,23 +294,42 @@ async fn exchange_udp(
         addr: up.addr,
         source,
     };
-    let sock = tokio::net::UdpSocket::bind(bind_addr(up))
-        .await
-        .map_err(io_err)?;
-    // Connected: the kernel drops datagrams from any other address/port and reports ICMP
-    // port-unreachable as ECONNREFUSED, so a dead upstream fails fast.
-    sock.connect(up.addr).await.map_err(io_err)?;
-    sock.send(query).await.map_err(io_err)?;
-    let mut buf = vec![0u8; MAX_UDP_REPLY];
+    let (sock, sent) = open_and_send(up, query).map_err(io_err)?;
+    if !sent {
+        sock.send(query).await.map_err(io_err)?;
+    }
+    // Uninitialised capacity: nothing to zero, and a matching reply is returned as is.
+    let mut buf = Vec::with_capacity(MAX_UDP_REPLY);
     loop {
-        let n = sock.recv(&mut buf).await.map_err(io_err)?;
-        let reply = &buf[..n];
-        if reply_matches(reply, q, id) {
-            return Ok(reply.to_vec());
+        buf.clear();
+        sock.recv_buf(&mut buf).await.map_err(io_err)?;
+        if reply_matches(&buf, q, id) {
+            return Ok(buf);
         }
         up.mismatched.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(upstream = %up.addr, "ignored a reply that does not match the query");
     }
+}
+
+/// A fresh connected UDP socket (random source port) for one upstream query, with the
+/// query already sent when the kernel took it (`true`). Connected: the kernel drops datagrams
+/// from any other address/port and reports ICMP port-unreachable as ECONNREFUSED, so a dead
+/// upstream fails fast. A fresh socket is writable, so sending before tokio registers it
+/// saves a trip through the event loop, and without a source to pin, connect picks the
+/// random port itself (no bind): refreshes cost fewer syscalls and wake-ups.
+fn open_and_send(up: &Upstream, query: &[u8]) -> io::Result<(tokio::net::UdpSocket, bool)> {
+    let ty = Type::DGRAM.nonblocking().cloexec();
+    let s = Socket::new(domain(&up.addr), ty, Some(Protocol::UDP))?;
+    if up.source.is_some() {
+        s.bind(&SockAddr::from(bind_addr(up)))?;
+    }
+    s.connect(&SockAddr::from(up.addr))?;
+    let sent = match s.send(query) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) => return Err(e),
+    };
+    Ok((tokio::net::UdpSocket::from_std(s.into())?, sent))
 }
 
 async fn exchange_tcp(

@@ -1,6 +1,7 @@
 //! The forwarder against scripted upstreams: spoofing, coalescing, TC, timeouts, caps.
 mod common;
 use common::*;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -206,7 +207,7 @@ fn past_the_concurrency_cap_clients_get_a_fast_servfail() {
 }
 
 #[test]
-fn every_upstream_query_uses_a_fresh_random_id() {
+fn every_upstream_query_uses_a_fresh_random_id_and_source_port() {
     let seen = Arc::new(std::sync::Mutex::new(Vec::<u16>::new()));
     let s2 = seen.clone();
     let script: Arc<Script> = Arc::new(move |q: &[u8]| {
@@ -229,4 +230,24 @@ fn every_upstream_query_uses_a_fresh_random_id() {
         "upstream IDs are random: {ids:?}"
     );
     assert!(!ids.iter().all(|i| *i == 4242));
+
+    let sources: Vec<SocketAddr> = up
+        .udp_sources
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| name.starts_with('n'))
+        .map(|(_, from)| *from)
+        .collect();
+    assert_eq!(sources.len(), 20, "{sources:?}");
+    let mut ports: Vec<u16> = sources.iter().map(|s| s.port()).collect();
+    ports.sort();
+    ports.dedup();
+    // A random port from the ephemeral range may repeat once in a while; a reused socket
+    // would repeat every time.
+    assert!(ports.len() >= 18, "fresh source ports: {sources:?}");
+    assert!(
+        sources.iter().all(|s| s.ip() != d.dns.ip()),
+        "never the listen address as source: {sources:?}"
+    );
 }

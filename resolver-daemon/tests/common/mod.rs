@@ -412,6 +412,8 @@ pub struct FakeUpstream {
     pub tcp_queries: Arc<AtomicUsize>,
     /// Question names of every UDP and TCP query received, lowercase, dotted.
     pub names: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Question name and source address of every UDP query received.
+    pub udp_sources: Arc<std::sync::Mutex<Vec<(String, SocketAddr)>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -422,12 +424,14 @@ impl FakeUpstream {
         let udp_queries = Arc::new(AtomicUsize::new(0));
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let udp_sources = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sock = UdpSocket::bind(addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let mut threads = Vec::new();
         {
             let (stop, count, seen) = (stop.clone(), udp_queries.clone(), names.clone());
+            let sources = udp_sources.clone();
             threads.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
@@ -435,6 +439,7 @@ impl FakeUpstream {
                         continue;
                     };
                     seen.lock().unwrap().push(qname_of(&buf[..n]));
+                    sources.lock().unwrap().push((qname_of(&buf[..n]), peer));
                     count.fetch_add(1, Ordering::SeqCst);
                     let q = buf[..n].to_vec();
                     let s = sock.try_clone().unwrap();
@@ -484,6 +489,7 @@ impl FakeUpstream {
             udp_queries,
             tcp_queries,
             names,
+            udp_sources,
             stop,
             threads,
         }

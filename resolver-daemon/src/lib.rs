@@ -8,6 +8,7 @@ pub mod config;
 pub mod drain;
 pub mod http;
 pub mod metrics;
+pub mod pace;
 pub mod resolve;
 pub mod server;
 pub mod setup;

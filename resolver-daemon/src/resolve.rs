@@ -3,13 +3,14 @@
 
 use crate::cache::{Answer, Cache, Inserted};
 use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
+use crate::pace::TokenBucket;
 use crate::upstream::Forwarder;
 use crate::wire::{self, Query, WireError};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 pub const RCODE_FORMERR: u16 = 1;
 pub const RCODE_SERVFAIL: u16 = 2;
@@ -141,11 +142,19 @@ pub struct Reply {
     pub rcode: u16,
 }
 
+/// Where background refreshes wait for `Resolver::pace_refreshes`, and the counter of those
+/// dropped because it was full.
+pub struct RefreshQueue {
+    pub tx: mpsc::Sender<Vec<u8>>,
+    pub dropped: prometheus::IntCounter,
+}
+
 pub struct Resolver {
     pub cache: Arc<Cache>,
     pub forwarder: Arc<Forwarder>,
     inflight: Mutex<HashMap<Key, Vec<oneshot::Sender<Outcome>>>>,
     coalesced: prometheus::IntCounter,
+    refreshes: RefreshQueue,
     /// Client queries being answered on the tokio side (drained on shutdown).
     pub busy: AtomicUsize,
 }
@@ -155,12 +164,14 @@ impl Resolver {
         cache: Arc<Cache>,
         forwarder: Arc<Forwarder>,
         coalesced: prometheus::IntCounter,
+        refreshes: RefreshQueue,
     ) -> Self {
         Self {
             cache,
             forwarder,
             inflight: Mutex::new(HashMap::new()),
             coalesced,
+            refreshes,
             busy: AtomicUsize::new(0),
         }
     }
@@ -290,8 +301,30 @@ impl Resolver {
         sweep.watched
     }
 
-    /// Prefetch or stale refresh: forwards (joining any in-flight query) and caches.
-    pub fn refresh_in_background(self: &Arc<Self>, pkt: Vec<u8>) {
+    /// Prefetch, idle-sweep or stale refresh: queued for `pace_refreshes`; dropped (and
+    /// counted) when the queue is full.
+    pub fn refresh_in_background(&self, pkt: Vec<u8>) {
+        if self.refreshes.tx.try_send(pkt).is_err() {
+            self.refreshes.dropped.inc();
+        }
+    }
+
+    /// Starts the queued refreshes, at most `rate` per second (0: as they come; see `pace`).
+    pub async fn pace_refreshes(self: Arc<Self>, mut queue: mpsc::Receiver<Vec<u8>>, rate: u32) {
+        let mut bucket = TokenBucket::new(rate, Instant::now());
+        while let Some(pkt) = queue.recv().await {
+            if rate > 0 {
+                let wait = bucket.take(Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            self.start_refresh(pkt);
+        }
+    }
+
+    /// Forwards a refresh (joining any in-flight query) and caches the answer.
+    fn start_refresh(self: &Arc<Self>, pkt: Vec<u8>) {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(q) = wire::parse_query(&pkt) {

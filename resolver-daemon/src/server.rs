@@ -6,7 +6,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::http::{self, Endpoints};
 use crate::metrics::{Metrics, Proto, ServerMetrics, server_label};
-use crate::resolve::Resolver;
+use crate::resolve::{RefreshQueue, Resolver};
 use crate::sockets::{self, KernelRoutes};
 use crate::tcp::TcpServer;
 use crate::udp::{HotPath, Job, Miss, ReplyHandle};
@@ -133,11 +133,21 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
         crate::setup::ensure_once(node, &metrics).await;
     }
     let forwarder = Arc::new(build_forwarder(&cfg, &metrics)?);
+    let (refresh_tx, refresh_rx) = mpsc::channel(crate::pace::queue_len(cfg.prefetch_rate));
     let resolver = Arc::new(Resolver::new(
         cache.clone(),
         forwarder.clone(),
         metrics.coalesced.clone(),
+        RefreshQueue {
+            tx: refresh_tx,
+            dropped: metrics.prefetch_dropped.clone(),
+        },
     ));
+    tokio::spawn(
+        resolver
+            .clone()
+            .pace_refreshes(refresh_rx, cfg.prefetch_rate),
+    );
     let shutdown = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -49,6 +49,65 @@ fn popular_entries_are_prefetched_before_they_expire() {
     assert!(metric_sum(&d.metrics(), "coredns_cache_prefetch_total", &[]) >= 1.0);
 }
 
+/// A cohort of popular entries due together: refreshes start at most --prefetch-rate per
+/// second, a queue of at most 64 (one second of the rate, at least 64) holds the rest, and
+/// what does not fit is dropped and counted, never lost silently.
+#[test]
+fn background_refreshes_start_no_faster_than_the_prefetch_rate() {
+    const NAMES: usize = 100;
+    const RATE: f64 = 20.0;
+    let up = answering(sa(77, UP_PORT), [192, 0, 2, 77]);
+    let d = Daemon::start(
+        76,
+        &[up.addr],
+        &[
+            "--cache-success-min-ttl",
+            "3s",
+            "--cache-success-max-ttl",
+            "3s",
+            "--prefetch-hits",
+            "3",
+            "--prefetch-percent",
+            "80",
+            "--prefetch-unasked",
+            "0",
+            "--prefetch-rate",
+            "20",
+        ],
+    );
+    let names: Vec<String> = (0..NAMES).map(|i| format!("c{i}.example")).collect();
+    for n in &names {
+        for _ in 0..4 {
+            assert_eq!(answers(&ask(d.dns, n, A)), vec!["192.0.2.77"]);
+        }
+    }
+    // 1 s (33 %) left: past every entry's prefetch point (40–80 % left).
+    std::thread::sleep(Duration::from_millis(2000));
+    let started = std::time::Instant::now();
+    for n in &names {
+        assert_eq!(answers(&ask(d.dns, n, A)), vec!["192.0.2.77"]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let refreshed = || names.iter().map(|n| up.count(n) - 1).sum::<usize>();
+    let so_far = refreshed() as f64;
+    let bound = 2.0 + RATE * started.elapsed().as_secs_f64();
+    assert!(
+        so_far <= bound,
+        "{so_far} refreshes started, at most {bound} allowed"
+    );
+    let dropped = || d.metric("node_local_dns_prefetch_dropped_total") as usize;
+    wait_until(
+        "every refresh started or dropped",
+        Duration::from_secs(10),
+        || refreshed() + dropped() == NAMES,
+    );
+    assert!(dropped() >= 30, "the queue holds 64: {}", dropped());
+    assert_eq!(
+        metric_sum(&d.metrics(), "coredns_cache_prefetch_total", &[]) as usize,
+        NAMES
+    );
+}
+
 /// With the seed's short clamps an entry lives a few seconds, so a name asked steadily gets
 /// only ~10 hits per entry. Its popularity must carry over to the refreshed entry, or it
 /// drops below the prefetch threshold, expires, and a client waits for the upstream.

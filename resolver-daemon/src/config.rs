@@ -211,7 +211,7 @@ pub struct Args {
     /// others wait up to a second in a queue, else are dropped (node_local_dns_prefetch_dropped_total)
     /// and fetched on demand when next asked. Keeps a cohort of entries expiring together
     /// from taking the CPU the cache hits need (under a CPU limit: the whole CFS quota).
-    /// The default, at 20–60 us of CPU per refresh, is at most ~5-10 % of a core and keeps
+    /// The default, at 20–60 us of CPU per refresh, is at most 4–12 % of a core and keeps
     /// ~8 000 popular names with the 5 s denial clamp fresh. 0: no limit.
     #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_RATE", default_value_t = 2000)]
     pub prefetch_rate: u32,

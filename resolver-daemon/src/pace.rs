@@ -48,10 +48,17 @@ impl TokenBucket {
 }
 
 /// Refreshes that may wait: one second of the rate (at least 64). A refresh that waited
-/// longer would mostly find its entry expired already.
+/// longer would mostly find its entry expired already. Unpaced (rate 0) the queue only
+/// hands refreshes to the runtime, so it is as deep as the UDP threads' job queue.
 pub fn queue_len(rate: u32) -> usize {
-    (rate as usize).max(64)
+    if rate == 0 {
+        UNPACED_QUEUE
+    } else {
+        (rate as usize).max(64)
+    }
 }
+
+const UNPACED_QUEUE: usize = 8192;
 
 #[cfg(test)]
 mod tests {
@@ -109,5 +116,10 @@ mod tests {
     fn the_queue_holds_one_second_of_the_rate() {
         assert_eq!(queue_len(5000), 5000);
         assert_eq!(queue_len(10), 64);
+        assert_eq!(
+            queue_len(0),
+            UNPACED_QUEUE,
+            "no limit: a deep hand-over queue"
+        );
     }
 }

@@ -142,13 +142,10 @@ pub struct Reply {
     pub rcode: u16,
 }
 
-/// A refresh query and when it was queued.
-pub type Queued = (Instant, Vec<u8>);
-
 /// Where background refreshes wait for `Resolver::pace_refreshes`, and the counter of those
 /// dropped because it was full.
 pub struct RefreshQueue {
-    pub tx: mpsc::Sender<Queued>,
+    pub tx: mpsc::Sender<Vec<u8>>,
     pub dropped: prometheus::IntCounter,
 }
 
@@ -307,27 +304,22 @@ impl Resolver {
     /// Prefetch, idle-sweep or stale refresh: queued for `pace_refreshes`; dropped (and
     /// counted) when the queue is full.
     pub fn refresh_in_background(&self, pkt: Vec<u8>) {
-        if self.refreshes.tx.try_send((Instant::now(), pkt)).is_err() {
+        if self.refreshes.tx.try_send(pkt).is_err() {
             self.refreshes.dropped.inc();
         }
     }
 
     /// Starts the queued refreshes, at most `rate` per second (0: as they come; see `pace`).
-    /// One whose entry a client's miss fetched while it waited is skipped.
-    pub async fn pace_refreshes(self: Arc<Self>, mut queue: mpsc::Receiver<Queued>, rate: u32) {
+    pub async fn pace_refreshes(self: Arc<Self>, mut queue: mpsc::Receiver<Vec<u8>>, rate: u32) {
         let mut bucket = TokenBucket::new(rate, Instant::now());
-        while let Some((queued, pkt)) = queue.recv().await {
+        while let Some(pkt) = queue.recv().await {
             if rate > 0 {
                 let wait = bucket.take(Instant::now());
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
             }
-            let fetched = wire::parse_query(&pkt)
-                .is_ok_and(|q| self.cache.stored_since(&q, queued, Instant::now()));
-            if !fetched {
-                self.start_refresh(pkt);
-            }
+            self.start_refresh(pkt);
         }
     }
 

@@ -222,17 +222,6 @@ impl Cache {
         true
     }
 
-    /// Whether `q`'s entry is fresh and was stored at or after `since`: a refresh queued at
-    /// `since` is then no longer needed (a client's miss fetched the answer meanwhile).
-    pub fn stored_since(&self, q: &Query<'_>, since: Instant, now: Instant) -> bool {
-        let key = CacheKey::new(q, self.seed);
-        let mut shard = self.shard(&key);
-        match shard.get_mut(&key, now, self.cfg.stale_window) {
-            Some((_, Freshness::Fresh { age, .. })) => age <= now.saturating_duration_since(since),
-            _ => false,
-        }
-    }
-
     pub fn insert(&self, q: &Query<'_>, response: &[u8], now: Instant) -> Inserted {
         let prepared = match PreparedEntry::from_response(q, response) {
             Ok(prepared) => prepared,

@@ -1337,35 +1337,3 @@ fn instants_older_than_the_insert_or_an_earlier_hit_are_tolerated() {
         assert!(m.answers[0].ttl <= 20);
     }
 }
-
-#[test]
-fn stored_since_tells_a_queued_refresh_whether_the_entry_was_fetched_meanwhile() {
-    let f = Fixture::new(small_config());
-    let query = query_bytes("queued.example.", ask());
-    let q = parse_query(&query).unwrap();
-    assert!(!f.cache.stored_since(&q, f.at(0), f.at(1)), "no entry");
-    assert!(matches!(
-        f.insert_a("queued.example.", 30),
-        Inserted::Cached(_)
-    ));
-    assert!(
-        f.cache.stored_since(&q, f.at(0), f.at(2)),
-        "stored when the refresh was queued"
-    );
-    assert!(
-        !f.cache.stored_since(&q, f.at(1), f.at(2)),
-        "stored before the refresh was queued: still due"
-    );
-    assert!(matches!(
-        f.refresh_a("queued.example.", 30, 3),
-        Inserted::Cached(_)
-    ));
-    assert!(
-        f.cache.stored_since(&q, f.at(2), f.at(4)),
-        "refetched after queueing"
-    );
-    assert!(
-        !f.cache.stored_since(&q, f.at(2), f.at(40)),
-        "expired: refresh it"
-    );
-}

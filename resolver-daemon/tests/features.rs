@@ -14,26 +14,30 @@ fn answering(addr: SocketAddr, ip: [u8; 4]) -> FakeUpstream {
     FakeUpstream::start(addr, script, None)
 }
 
+/// A daemon whose entries live 3 s and become popular after 3 hits, refreshed on the hit
+/// path alone (`--prefetch-unasked 0`: the idle sweep, tested on its own, could claim them
+/// first), with its prefetch point in the last `percent` of the TTL.
+fn hit_path_prefetch_daemon(n: u8, up: &FakeUpstream, percent: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--cache-success-min-ttl",
+        "3s",
+        "--cache-success-max-ttl",
+        "3s",
+        "--prefetch-hits",
+        "3",
+        "--prefetch-percent",
+        percent,
+        "--prefetch-unasked",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start(n, &[up.addr], &args)
+}
+
 #[test]
 fn popular_entries_are_prefetched_before_they_expire() {
     let up = answering(sa(61, UP_PORT), [192, 0, 2, 61]);
-    let d = Daemon::start(
-        60,
-        &[up.addr],
-        &[
-            "--cache-success-min-ttl",
-            "3s",
-            "--cache-success-max-ttl",
-            "3s",
-            "--prefetch-hits",
-            "3",
-            "--prefetch-percent",
-            "50",
-            // The hit path alone: the idle sweep (own test below) could claim it first.
-            "--prefetch-unasked",
-            "0",
-        ],
-    );
+    let d = hit_path_prefetch_daemon(60, &up, "50", &[]);
     for _ in 0..5 {
         assert_eq!(answers(&ask(d.dns, "hot.example", A)), vec!["192.0.2.61"]);
     }
@@ -55,26 +59,10 @@ fn popular_entries_are_prefetched_before_they_expire() {
 #[test]
 fn background_refreshes_start_no_faster_than_the_prefetch_rate() {
     const NAMES: usize = 100;
-    const RATE: f64 = 20.0;
+    const RATE: u32 = 20;
     let up = answering(sa(77, UP_PORT), [192, 0, 2, 77]);
-    let d = Daemon::start(
-        76,
-        &[up.addr],
-        &[
-            "--cache-success-min-ttl",
-            "3s",
-            "--cache-success-max-ttl",
-            "3s",
-            "--prefetch-hits",
-            "3",
-            "--prefetch-percent",
-            "80",
-            "--prefetch-unasked",
-            "0",
-            "--prefetch-rate",
-            "20",
-        ],
-    );
+    let rate = RATE.to_string();
+    let d = hit_path_prefetch_daemon(76, &up, "80", &["--prefetch-rate", &rate]);
     let names: Vec<String> = (0..NAMES).map(|i| format!("c{i}.example")).collect();
     for n in &names {
         for _ in 0..4 {
@@ -90,7 +78,7 @@ fn background_refreshes_start_no_faster_than_the_prefetch_rate() {
     std::thread::sleep(Duration::from_millis(500));
     let refreshed = || names.iter().map(|n| up.count(n) - 1).sum::<usize>();
     let so_far = refreshed() as f64;
-    let bound = 2.0 + RATE * started.elapsed().as_secs_f64();
+    let bound = 2.0 + f64::from(RATE) * started.elapsed().as_secs_f64();
     assert!(
         so_far <= bound,
         "{so_far} refreshes started, at most {bound} allowed"

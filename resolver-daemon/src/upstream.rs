@@ -11,7 +11,7 @@ use crate::sockets::domain;
 use crate::wire::{Query, build_query};
 use socket2::{Protocol, SockAddr, Socket, Type};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -275,13 +275,10 @@ async fn exchange(
         .map_err(|_| ForwardError::Timeout(up.addr))?
 }
 
-fn bind_addr(up: &Upstream) -> SocketAddr {
-    let ip = up.source.unwrap_or(if up.addr.is_ipv4() {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    });
-    SocketAddr::new(ip, 0)
+/// The pinned source (`--upstream-source`) with port 0, so the kernel still picks a random
+/// port; `None` when the kernel may choose the source address itself.
+fn pinned_source(up: &Upstream) -> Option<SocketAddr> {
+    up.source.map(|ip| SocketAddr::new(ip, 0))
 }
 
 async fn exchange_udp(
@@ -320,8 +317,8 @@ async fn exchange_udp(
 fn open_and_send(up: &Upstream, query: &[u8]) -> io::Result<(tokio::net::UdpSocket, bool)> {
     let ty = Type::DGRAM.nonblocking().cloexec();
     let s = Socket::new(domain(&up.addr), ty, Some(Protocol::UDP))?;
-    if up.source.is_some() {
-        s.bind(&SockAddr::from(bind_addr(up)))?;
+    if let Some(src) = pinned_source(up) {
+        s.bind(&SockAddr::from(src))?;
     }
     s.connect(&SockAddr::from(up.addr))?;
     let sent = match s.send(query) {
@@ -348,8 +345,8 @@ async fn exchange_tcp(
         tokio::net::TcpSocket::new_v6()
     }
     .map_err(io_err)?;
-    if up.source.is_some() {
-        sock.bind(bind_addr(up)).map_err(io_err)?;
+    if let Some(src) = pinned_source(up) {
+        sock.bind(src).map_err(io_err)?;
     }
     let mut stream = sock.connect(up.addr).await.map_err(io_err)?;
     let mut msg = Vec::with_capacity(query.len() + 2);

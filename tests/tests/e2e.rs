@@ -162,6 +162,9 @@ fn lookups_served_by_cache(backend: Backend) {
     );
 }
 
+/// How far from the kill a query may be sent and still be the one in flight at it.
+const LOST_QUERY_SLACK: Duration = Duration::from_millis(50);
+
 /// Tests 2 and 3: kill -9 the daemon under ≥ 500 q/s: every later query is answered through
 /// kube-proxy's DNAT (≤ 1 lost); restart it: queries go local again, also for clients that
 /// keep reusing one source port (no conntrack entry pins them to the DNAT path).
@@ -175,6 +178,7 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
     let run = spawn_load(pod.netns(), load(cluster_dns(), DB, "10.100.0.2", 4, ports));
     std::thread::sleep(Duration::from_millis(1500));
     let before_kill = sim.node.upstream_queries_for(DB).unwrap();
+    let kill_sent_at = started.elapsed();
     sim.daemon().unwrap().kill9();
     let killed_at = started.elapsed();
     let report = run.join().unwrap().expect("load ran");
@@ -189,12 +193,22 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
         "load generator kept ≥ 500 q/s: {}",
         describe(&report)
     );
+    // DESIGN.md: the one query in flight at the kill can be lost. It is a timeout when it sat
+    // in the dying socket's queue, or an ICMP refusal when it passed the `-m socket` rule just
+    // before the socket closed. Either way only at the kill: refusals later would mean
+    // conntrack entries pinning clients to the dead socket.
     assert!(
-        report.timeouts <= 1,
+        report.timeouts + report.refused <= 1,
         "at most the one in-flight query lost: {}",
         describe(&report)
     );
-    assert_eq!(report.refused + report.wrong, 0, "{}", describe(&report));
+    assert_eq!(report.wrong, 0, "{}", describe(&report));
+    let kill_window = kill_sent_at.saturating_sub(LOST_QUERY_SLACK)..killed_at + LOST_QUERY_SLACK;
+    assert!(
+        report.failures.iter().all(|f| kill_window.contains(&f.at)),
+        "the lost query was sent at the kill ({kill_window:?}): {}",
+        describe(&report)
+    );
     let pod_ip = pod
         .ips()
         .unwrap()

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use node_setup::{IptablesBackend, NodeConfig, SocketMatch};
+use node_setup::NodeConfig;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -83,25 +83,14 @@ fn parse_ips(key: &str, values: &[String]) -> Result<Vec<IpAddr>, CniError> {
         .collect()
 }
 
-fn parse_backend(v: Option<&str>) -> Result<IptablesBackend, CniError> {
-    match v.unwrap_or("auto") {
-        "auto" => Ok(IptablesBackend::Auto),
-        "legacy" => Ok(IptablesBackend::Legacy),
-        "nft" => Ok(IptablesBackend::Nft),
-        other => Err(invalid(format!(
-            "iptables: {other:?} is not one of \"auto\", \"legacy\", \"nft\""
-        ))),
-    }
-}
-
-fn parse_socket_match(v: Option<&str>) -> Result<SocketMatch, CniError> {
-    match v.unwrap_or("safe") {
-        "safe" => Ok(SocketMatch::Safe),
-        "nowildcard" => Ok(SocketMatch::NoWildcard),
-        other => Err(invalid(format!(
-            "socketMatch: {other:?} is not one of \"safe\", \"nowildcard\""
-        ))),
-    }
+/// A named setting (`iptables`, `socketMatch`): its node-setup default when absent.
+fn parse_setting<T>(key: &str, v: Option<&str>) -> Result<T, CniError>
+where
+    T: std::str::FromStr<Err = node_setup::UnknownSetting> + Default,
+{
+    v.map_or(Ok(T::default()), |v| {
+        v.parse().map_err(|e| invalid(format!("{key}: {e}")))
+    })
 }
 
 fn parse_policy(v: Option<&str>) -> Result<FailurePolicy, CniError> {
@@ -145,8 +134,8 @@ pub fn parse(stdin: &[u8]) -> Result<PluginConfig, CniError> {
     if let Some(name) = &raw.interface {
         node.interface = name.clone();
     }
-    node.backend = parse_backend(raw.iptables.as_deref())?;
-    node.socket_match = parse_socket_match(raw.socket_match.as_deref())?;
+    node.backend = parse_setting("iptables", raw.iptables.as_deref())?;
+    node.socket_match = parse_setting("socketMatch", raw.socket_match.as_deref())?;
     if let Some(path) = &raw.lock_file {
         node.lock_path = path.clone();
     }
@@ -168,6 +157,7 @@ pub fn parse(stdin: &[u8]) -> Result<PluginConfig, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use node_setup::{IptablesBackend, SocketMatch};
 
     fn conf(extra: &str) -> String {
         format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"node-local-dns"{extra}}}"#)

@@ -278,10 +278,10 @@ mod tests {
     use super::*;
 
     fn entry() -> PluginEntry {
-        PluginEntry {
-            cluster_dns: vec!["10.96.0.10".parse().unwrap()],
-            local_ips: vec!["169.254.20.10".parse().unwrap()],
-        }
+        PluginEntry::new(
+            vec!["10.96.0.10".parse().unwrap()],
+            vec!["169.254.20.10".parse().unwrap()],
+        )
     }
 
     const BRIDGE: &str = r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#;

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use node_setup::{IptablesBackend, SocketMatch};
 use serde_json::{Map, Value};
 
 /// The `type` of our chained plugin entry; how we find it again in any conflist.
@@ -12,20 +13,47 @@ pub const PLUGIN_TYPE: &str = "node-local-dns";
 /// primary CNI's file, which is the one to edit.
 const DELEGATING_TYPES: &[&str] = &["multus", "multus-shim"];
 
-/// Our desired entry, as data.
+/// Our desired entry, as data: the node settings the plugin applies on every ADD. They come
+/// from the same `NODE_LOCAL_DNS_*` variables the resolver reads, so the plugin and the
+/// resolver converge on the same interface and rules instead of undoing each other's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginEntry {
     pub cluster_dns: Vec<IpAddr>,
     pub local_ips: Vec<IpAddr>,
+    pub interface: String,
+    pub backend: IptablesBackend,
+    pub socket_match: SocketMatch,
 }
 
 impl PluginEntry {
+    /// node-setup's defaults for everything but the addresses.
+    pub fn new(cluster_dns: Vec<IpAddr>, local_ips: Vec<IpAddr>) -> Self {
+        Self {
+            cluster_dns,
+            local_ips,
+            interface: node_setup::DEFAULT_INTERFACE.to_string(),
+            backend: IptablesBackend::default(),
+            socket_match: SocketMatch::default(),
+        }
+    }
+
+    /// Refuses what the plugin would refuse (code 7 on every pod ADD): an entry is only
+    /// written if the plugin can use it.
+    pub fn validate(&self) -> Result<(), node_setup::SetupError> {
+        let mut node = node_setup::NodeConfig::new(self.cluster_dns.clone());
+        node.interface = self.interface.clone();
+        node.validate()
+    }
+
     /// The keys we own in the entry, in the order they are written for a new entry.
-    fn owned_fields(&self) -> [(&'static str, Value); 3] {
+    fn owned_fields(&self) -> [(&'static str, Value); 6] {
         [
             ("type", Value::from(PLUGIN_TYPE)),
             ("clusterDNS", ip_list(&self.cluster_dns)),
             ("localIPs", ip_list(&self.local_ips)),
+            ("interface", Value::from(self.interface.as_str())),
+            ("iptables", Value::from(self.backend.as_str())),
+            ("socketMatch", Value::from(self.socket_match.as_str())),
         ]
     }
 
@@ -196,10 +224,10 @@ mod tests {
     use serde_json::json;
 
     fn entry() -> PluginEntry {
-        PluginEntry {
-            cluster_dns: vec!["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
-            local_ips: vec!["169.254.20.10".parse().unwrap()],
-        }
+        PluginEntry::new(
+            vec!["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
+            vec!["169.254.20.10".parse().unwrap()],
+        )
     }
 
     fn bridge_list() -> Value {

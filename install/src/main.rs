@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
+use node_setup::{IptablesBackend, SocketMatch, clap_parser};
 
 use node_local_dns_install::conflist::PluginEntry;
 use node_local_dns_install::watch::{self, InstallConfig, Wake};
@@ -77,6 +78,26 @@ struct InstallArgs {
     /// Link-local listen address(es) written into the plugin entry.
     #[arg(long, env = "NODE_LOCAL_DNS_LOCAL_IP", value_delimiter = ',', default_value = node_setup::DEFAULT_LOCAL_IP)]
     local_ip: Vec<IpAddr>,
+    /// Node-local interface the plugin ensures (the resolver's --interface).
+    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
+    interface: String,
+    /// iptables backend the plugin programs (the resolver's --iptables-backend).
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
+        value_parser = clap_parser::<IptablesBackend>(),
+        default_value = "auto"
+    )]
+    iptables_backend: IptablesBackend,
+    /// How the plugin's PREROUTING rules match the resolver's socket (the resolver's
+    /// --socket-match; the two must agree or each undoes the other's rules).
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_SOCKET_MATCH",
+        value_parser = clap_parser::<SocketMatch>(),
+        default_value = "safe"
+    )]
+    socket_match: SocketMatch,
     /// The plugin binary to copy into --bin-dir.
     #[arg(
         long,
@@ -120,20 +141,13 @@ struct UninstallArgs {
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_enum,
+        value_parser = clap_parser::<IptablesBackend>(),
         default_value = "auto"
     )]
-    iptables_backend: BackendArg,
+    iptables_backend: IptablesBackend,
     /// Lock file shared with the plugin and the resolver.
     #[arg(long, env = "NODE_LOCAL_DNS_SETUP_LOCK", default_value = node_setup::DEFAULT_LOCK_PATH)]
     setup_lock: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum BackendArg {
-    Auto,
-    Legacy,
-    Nft,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -207,14 +221,18 @@ fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
             "no kube-dns ClusterIP: give --cluster-dns, NODE_LOCAL_DNS_CLUSTER_DNS or KUBE_DNS_SVC_IP"
         );
     }
+    let entry = PluginEntry {
+        interface: args.interface,
+        backend: args.iptables_backend,
+        socket_match: args.socket_match,
+        ..PluginEntry::new(cluster_dns, args.local_ip)
+    };
+    entry.validate().context("plugin entry")?;
     Ok(InstallConfig {
         bin_dir: args.dirs.bin_dir,
         conf_dir: args.dirs.conf_dir,
         plugin_binary: args.plugin_binary,
-        entry: PluginEntry {
-            cluster_dns,
-            local_ips: args.local_ip,
-        },
+        entry,
         resync: args.resync_interval,
         debounce: args.debounce,
         retry: args.retry_interval,
@@ -268,11 +286,7 @@ fn teardown(args: &UninstallArgs, removed_entries: &[serde_json::Value]) -> anyh
     cfg.local_ips = args.local_ip.clone();
     cfg.interface = args.interface.clone();
     cfg.lock_path = args.setup_lock.clone();
-    cfg.backend = match args.iptables_backend {
-        BackendArg::Auto => node_setup::IptablesBackend::Auto,
-        BackendArg::Legacy => node_setup::IptablesBackend::Legacy,
-        BackendArg::Nft => node_setup::IptablesBackend::Nft,
-    };
+    cfg.backend = args.iptables_backend;
     node_setup::teardown_node(&cfg).context("node teardown")?;
     tracing::info!(interface = %cfg.interface, "node state removed");
     Ok(())

@@ -100,7 +100,8 @@ fn single_plugin_conf_is_converted_to_conflist_keeping_mode_and_keys() {
             "plugins": [
                 {"type": "bridge", "bridge": "cni0", "x-vendor": {"keep": [1, 2]},
                  "ipam": {"type": "host-local", "subnet": "10.244.0.0/24"}},
-                {"type": "node-local-dns", "clusterDNS": [CLUSTER_DNS], "localIPs": ["169.254.20.10"]}
+                {"type": "node-local-dns", "clusterDNS": [CLUSTER_DNS], "localIPs": ["169.254.20.10"],
+                 "interface": "nodelocaldns", "iptables": "auto", "socketMatch": "safe"}
             ]
         })
     );
@@ -262,6 +263,25 @@ fn bad_input_gets_clear_errors() {
         stderr(&bad_env)
     );
 
+    // Node settings the plugin would refuse on every pod ADD are refused here first.
+    for (env, value, says) in [
+        ("NODE_LOCAL_DNS_SOCKET_MATCH", "sometimes", "nowildcard"),
+        ("NODE_LOCAL_DNS_IPTABLES_BACKEND", "ebpf", "legacy"),
+        (
+            "NODE_LOCAL_DNS_INTERFACE",
+            "a-name-longer-than-15",
+            "interface name",
+        ),
+    ] {
+        let out = node
+            .install_cmd(&["--once", "--cluster-dns", CLUSTER_DNS])
+            .env(env, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{env}={value} accepted");
+        assert!(stderr(&out).contains(says), "{env}: {}", stderr(&out));
+    }
+
     assert_eq!(
         fs::read(node.conf("10-flannel.conflist")).unwrap(),
         example(FLANNEL),
@@ -280,14 +300,19 @@ fn cluster_dns_comes_from_kube_dns_svc_ip_and_flags_from_env() {
         .env("NODE_LOCAL_DNS_CNI_CONF_DIR", &node.conf_dir)
         .env("NODE_LOCAL_DNS_PLUGIN_BINARY", &node.plugin)
         .env("NODE_LOCAL_DNS_INSTALL_ONCE", "true")
+        // The resolver's node settings, as the ConfigMap gives them to both containers.
+        .env("NODE_LOCAL_DNS_INTERFACE", "nld0")
+        .env("NODE_LOCAL_DNS_IPTABLES_BACKEND", "legacy")
+        .env("NODE_LOCAL_DNS_SOCKET_MATCH", "nowildcard")
         .output()
         .unwrap();
     assert_ok(&out);
     let doc = read_json(&node.conf("10-flannel.conflist"));
-    assert_eq!(
-        doc["plugins"][2]["clusterDNS"],
-        json!(["10.96.0.10", "fd00::a"])
-    );
+    let ours = &doc["plugins"][2];
+    assert_eq!(ours["clusterDNS"], json!(["10.96.0.10", "fd00::a"]));
+    assert_eq!(ours["interface"], "nld0");
+    assert_eq!(ours["iptables"], "legacy");
+    assert_eq!(ours["socketMatch"], "nowildcard");
     assert!(node.installed_plugin().is_file());
 }
 

@@ -53,6 +53,76 @@ pub enum SocketMatch {
     NoWildcard,
 }
 
+/// A setting's value is not one of the names it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not one of {}", quoted(allowed))]
+pub struct UnknownSetting {
+    pub value: String,
+    pub allowed: &'static [&'static str],
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The names the settings are spelled with everywhere: the plugin's conflist entry, the
+/// resolver's and installer's flags and the ConfigMap. One table per setting, so the three
+/// programs cannot drift apart.
+pub trait Setting: std::str::FromStr<Err = UnknownSetting> + Copy + Send + Sync + 'static {
+    /// Every accepted name, the default first.
+    const NAMES: &'static [&'static str];
+}
+
+/// clap parser for a setting (feature `clap`): `--help` lists its names.
+#[cfg(feature = "clap")]
+pub fn clap_parser<T: Setting>() -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(T::NAMES.iter().copied()).try_map(|s| s.parse::<T>())
+}
+
+macro_rules! named_setting {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl Setting for $ty {
+            const NAMES: &'static [&'static str] = &[$($name),+];
+        }
+
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = UnknownSetting;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(UnknownSetting {
+                        value: s.to_string(),
+                        allowed: <Self as Setting>::NAMES,
+                    }),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+named_setting!(IptablesBackend { Auto => "auto", Legacy => "legacy", Nft => "nft" });
+named_setting!(SocketMatch { Safe => "safe", NoWildcard => "nowildcard" });
+
 /// Desired node state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {

@@ -451,3 +451,24 @@ fn invalid_config_is_rejected_with_a_clear_error() {
     assert_eq!(c.validate().unwrap_err().kind(), "config");
     assert!(cfg(&[]).validate().is_err());
 }
+
+#[test]
+fn settings_parse_from_the_names_they_print_as_and_nothing_else() {
+    for b in [
+        IptablesBackend::Auto,
+        IptablesBackend::Legacy,
+        IptablesBackend::Nft,
+    ] {
+        assert_eq!(b.as_str().parse::<IptablesBackend>(), Ok(b));
+        assert!(<IptablesBackend as Setting>::NAMES.contains(&b.as_str()));
+    }
+    for m in [SocketMatch::Safe, SocketMatch::NoWildcard] {
+        assert_eq!(m.to_string().parse::<SocketMatch>(), Ok(m));
+    }
+    let err = "NoWildcard".parse::<SocketMatch>().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#""NoWildcard" is not one of "safe", "nowildcard""#
+    );
+    assert!("".parse::<IptablesBackend>().is_err());
+}

@@ -6,6 +6,7 @@
 
 use crate::cache::CacheConfig;
 use clap::{Parser, ValueEnum};
+use node_setup::{IptablesBackend, SocketMatch, clap_parser};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,21 +29,6 @@ pub enum UpstreamProto {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    Auto,
-    Legacy,
-    Nft,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SocketMatchArg {
-    /// `-m socket` (ignores wildcard listeners; recommended).
-    Safe,
-    /// The seed's `-m socket --nowildcard` (captured by any 0.0.0.0:53 listener while down).
-    Nowildcard,
 }
 
 /// Node-local caching DNS forwarder that holds the kube-dns ClusterIP socket.
@@ -240,22 +226,26 @@ pub struct Args {
     /// Node-local interface holding the listen addresses.
     #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = "nodelocaldns")]
     pub interface: String,
-    /// iptables backend to program.
+    /// iptables backend to program: auto = the one kube-proxy uses (more KUBE- chains; nft
+    /// when tied).
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_enum,
+        value_parser = clap_parser::<IptablesBackend>(),
         default_value = "auto"
     )]
-    pub iptables_backend: Backend,
-    /// How the raw PREROUTING rules match the daemon's socket.
+    pub iptables_backend: IptablesBackend,
+    /// How the raw PREROUTING rules match the daemon's socket: safe = `-m socket` (ignores
+    /// wildcard listeners; recommended); nowildcard = the seed's `-m socket --nowildcard`
+    /// (captured by any 0.0.0.0:53 listener while the cache is down). The installer writes
+    /// the same value into the plugin's conflist entry.
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_SOCKET_MATCH",
-        value_enum,
+        value_parser = clap_parser::<SocketMatch>(),
         default_value = "safe"
     )]
-    pub socket_match: SocketMatchArg,
+    pub socket_match: SocketMatch,
     /// Lock file serialising node setup with the CNI plugin.
     #[arg(long, env = "NODE_LOCAL_DNS_SETUP_LOCK", default_value = node_setup::DEFAULT_LOCK_PATH)]
     pub setup_lock: PathBuf,
@@ -523,15 +513,8 @@ fn node_config(args: &Args, cluster_dns: &[IpAddr]) -> node_setup::NodeConfig {
     let mut cfg = node_setup::NodeConfig::new(cluster_dns.to_vec());
     cfg.interface = args.interface.clone();
     cfg.local_ips = args.local_ip.clone();
-    cfg.backend = match args.iptables_backend {
-        Backend::Auto => node_setup::IptablesBackend::Auto,
-        Backend::Legacy => node_setup::IptablesBackend::Legacy,
-        Backend::Nft => node_setup::IptablesBackend::Nft,
-    };
-    cfg.socket_match = match args.socket_match {
-        SocketMatchArg::Safe => node_setup::SocketMatch::Safe,
-        SocketMatchArg::Nowildcard => node_setup::SocketMatch::NoWildcard,
-    };
+    cfg.backend = args.iptables_backend;
+    cfg.socket_match = args.socket_match;
     cfg.lock_path = args.setup_lock.clone();
     cfg
 }

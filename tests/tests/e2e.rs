@@ -407,26 +407,32 @@ fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadR
     let mut opts = SimOptions::new(backend);
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
-    sim.copy_plugin().expect("plugin");
-    let mut conf: serde_json::Value =
-        serde_json::from_str(&simnode::runtime::bridge_conflist("1.0.0", false)).unwrap();
-    conf["plugins"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "type": "node-local-dns", "clusterDNS": ["10.96.0.10"], "socketMatch": socket_match
-        }));
-    sim.write_conflist(&conf.to_string()).unwrap();
+    // One setting for both containers, as the ConfigMap gives it: the installer writes it
+    // into the plugin's entry, the resolver reads it itself.
+    simnode::install::install(
+        &sim.fs,
+        &sim.cluster_dns(),
+        &["--socket-match", socket_match],
+    )
+    .expect("installer");
     let mut dopts = sim.daemon_options();
     dopts.extra_args = vec!["--socket-match".into(), socket_match.into()];
+    let sync = Duration::from_secs(dopts.sync_interval_secs.into());
     sim.start_daemon(dopts).expect("daemon");
     let pod = sim.run_pod("default").expect("pod");
-    let rules = sim.node.our_raw_rules(false).unwrap();
+    // Right after the plugin's ADD, and again after a resolver sync: a plugin and resolver
+    // that disagreed would each replace the other's rules.
+    let after_add = sim.node.our_raw_rules(false).unwrap();
     assert_eq!(
-        rules.iter().filter(|r| r.contains("--nowildcard")).count(),
+        after_add
+            .iter()
+            .filter(|r| r.contains("--nowildcard"))
+            .count(),
         if socket_match == "nowildcard" { 2 } else { 0 },
-        "{rules:#?}"
+        "{after_add:#?}"
     );
+    std::thread::sleep(sync + Duration::from_millis(500));
+    assert_eq!(sim.node.our_raw_rules(false).unwrap(), after_add);
     sim.daemon().unwrap().kill9();
     let dnsmasq = std::process::Command::new("ip")
         .args([

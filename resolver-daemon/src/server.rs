@@ -9,12 +9,12 @@ use crate::metrics::{Metrics, Proto, ServerMetrics, server_label};
 use crate::resolve::{RefreshQueue, Resolver};
 use crate::sockets::{self, KernelRoutes};
 use crate::tcp::TcpServer;
-use crate::udp::{HotPath, Job, Miss, ReplyHandle};
+use crate::udp::{HotPath, Job, Miss, ReplyHandle, ThreadProgress};
 use crate::upstream::{Forwarder, ForwarderConfig, Upstream, UpstreamSet, resolv_conf_servers};
 use crate::watchdog::{self, Heartbeat};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -149,7 +149,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
             .pace_refreshes(refresh_rx, cfg.prefetch_rate),
     );
     let shutdown = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
+    let mut progress = Vec::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(JOB_QUEUE);
 
@@ -180,10 +180,11 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 listener: idx,
                 shutdown: shutdown.clone(),
                 log_queries: cfg.log_queries,
-                received: received.clone(),
+                progress: Arc::new(ThreadProgress::default()),
                 coalesce: cfg.udp_coalesce,
                 prefetch_dropped: metrics.prefetch_dropped.clone(),
             };
+            progress.push(hot.progress.clone());
             let h = std::thread::Builder::new()
                 .name(format!("udp-{addr}-{t}"))
                 .spawn(move || hot.run())
@@ -240,7 +241,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
             probe_targets(&cfg),
             timeout,
             heartbeat,
-            received,
+            progress,
             shutdown.clone(),
         );
     }

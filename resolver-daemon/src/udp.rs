@@ -102,6 +102,35 @@ impl ReplyHandle {
     }
 }
 
+/// What one UDP thread has done, for the watchdog (which cannot probe a ClusterIP listener
+/// from the host: kube-proxy's nat OUTPUT would DNAT the probe away). `loops` moves at least
+/// once per receive timeout while the thread is alive, `datagrams` while it serves. Only the
+/// owning thread writes, so plain loads and stores suffice; one cache line per thread keeps
+/// UDP threads from sharing one.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct ThreadProgress {
+    loops: AtomicU64,
+    datagrams: AtomicU64,
+}
+
+impl ThreadProgress {
+    fn record(&self, datagrams: usize) {
+        let bump =
+            |c: &AtomicU64, by: u64| c.store(c.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+        bump(&self.loops, 1);
+        bump(&self.datagrams, datagrams as u64);
+    }
+
+    /// (loops, datagrams) so far.
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.loops.load(Ordering::Relaxed),
+            self.datagrams.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct HotPath {
     pub socket: Socket,
     pub cache: Arc<Cache>,
@@ -110,8 +139,8 @@ pub struct HotPath {
     pub listener: usize,
     pub shutdown: Arc<AtomicBool>,
     pub log_queries: bool,
-    /// Datagrams received by all UDP threads (watchdog liveness).
-    pub received: Arc<AtomicU64>,
+    /// This thread's progress, read by the watchdog.
+    pub progress: Arc<ThreadProgress>,
     /// Pause between small back-to-back batches (0: never).
     pub coalesce: Duration,
     /// Refreshes lost to a full job queue.
@@ -299,6 +328,7 @@ impl HotPath {
         let mut prefetch = PrefetchBatch::default();
         while !self.shutdown.load(Ordering::Relaxed) {
             let received = b.recv(fd);
+            self.progress.record(*received.as_ref().unwrap_or(&0));
             let now = Instant::now();
             if prefetch.due(now) {
                 prefetch.flush(&self.jobs, &self.prefetch_dropped);
@@ -311,7 +341,6 @@ impl HotPath {
                     continue;
                 }
             };
-            self.received.fetch_add(n as u64, Ordering::Relaxed);
             self.handle_batch(&mut b, n, now, &mut prefetch);
             b.send(fd);
             // Busy but not saturated (small batches arriving back to back): wait a moment so

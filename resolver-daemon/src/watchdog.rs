@@ -1,8 +1,9 @@
-//! The watchdog: a plain thread that probes the daemon's own UDP listeners and checks that
-//! the tokio runtime is alive; after `timeout` of continuous failure it exits the process
+//! The watchdog: a plain thread that probes the daemon's own UDP listeners, checks that
+//! every UDP receive thread keeps going round its loop and that the tokio runtime is alive; after `timeout` of continuous failure it exits the process
 //! non-zero, so the kernel closes the sockets and pods fall back to kube-proxy's path
 //! instead of hanging on a wedged cache.
 
+use crate::udp::ThreadProgress;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,23 +74,44 @@ pub fn probe(target: SocketAddr, wait: Duration) -> bool {
     false
 }
 
-/// `received` counts datagrams the UDP threads took off their sockets: while it moves, the
-/// receive path is alive even if an overloaded socket drops our probes.
+/// Progress of every UDP thread at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen(Vec<(u64, u64)>);
+
+impl Seen {
+    pub fn now(threads: &[Arc<ThreadProgress>]) -> Self {
+        Seen(threads.iter().map(|t| t.snapshot()).collect())
+    }
+}
+
+/// One round's verdict, from the threads' progress since the last round (≥ one probe
+/// interval ago, several receive timeouts): every UDP thread must have gone round its loop,
+/// including those of listeners the probe cannot reach, and the listeners must answer the
+/// probe, or be serving others (an overloaded socket may drop the probe).
+pub fn round_ok(before: &Seen, after: &Seen, probes_ok: bool, runtime_alive: bool) -> bool {
+    let pairs = || before.0.iter().zip(&after.0);
+    let all_looping = pairs().all(|(b, a)| a.0 > b.0);
+    let serving = pairs().any(|(b, a)| a.1 > b.1);
+    runtime_alive && all_looping && (probes_ok || serving)
+}
+
 pub fn spawn(
     targets: Vec<SocketAddr>,
     timeout: Duration,
     heartbeat: Arc<Heartbeat>,
-    received: Arc<AtomicU64>,
+    threads: Vec<Arc<ThreadProgress>>,
     stop: Arc<AtomicBool>,
 ) {
     let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
         let mut failing_since: Option<Instant> = None;
+        let mut before = Seen::now(&threads);
+        std::thread::sleep(PROBE_INTERVAL);
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            let before = received.load(Ordering::Relaxed);
             let probes_ok = targets.iter().all(|t| probe(*t, PROBE_INTERVAL));
-            let serving = received.load(Ordering::Relaxed) > before;
-            let ok = heartbeat.age() < timeout && (probes_ok || serving);
+            let after = Seen::now(&threads);
+            let ok = round_ok(&before, &after, probes_ok, heartbeat.age() < timeout);
+            before = after;
             if stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -97,7 +119,7 @@ pub fn spawn(
                 (true, _) => failing_since = None,
                 (false, None) => failing_since = Some(started),
                 (false, Some(since)) if since.elapsed() >= timeout => {
-                    tracing::error!(?targets, "watchdog: self-probe failing for {timeout:?}, exiting so pods fall back");
+                    tracing::error!(?targets, "watchdog: self-probe or a UDP thread failing for {timeout:?}, exiting so pods fall back");
                     std::process::exit(3);
                 }
                 (false, Some(_)) => {}
@@ -107,5 +129,38 @@ pub fn spawn(
     });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the watchdog thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(threads: &[(u64, u64)]) -> Seen {
+        Seen(threads.to_vec())
+    }
+
+    #[test]
+    fn a_round_passes_only_when_every_thread_looped_and_the_listeners_answer_or_serve() {
+        let before = seen(&[(10, 100), (10, 0)]);
+        let looped_idle = seen(&[(15, 100), (14, 0)]);
+        assert!(round_ok(&before, &looped_idle, true, true));
+        assert!(
+            !round_ok(&before, &looped_idle, false, true),
+            "probe lost, nothing served"
+        );
+        assert!(
+            !round_ok(&before, &looped_idle, true, false),
+            "runtime stuck"
+        );
+        let serving = seen(&[(15, 900), (14, 0)]);
+        assert!(
+            round_ok(&before, &serving, false, true),
+            "probe lost under load"
+        );
+        // The second thread (a ClusterIP listener, say) is stuck: its probe cannot be sent
+        // from the host, but its loop count shows it.
+        let stuck = seen(&[(15, 900), (10, 0)]);
+        assert!(!round_ok(&before, &stuck, true, true));
     }
 }

@@ -339,3 +339,44 @@ fn tcp_connections_past_the_cap_are_closed() {
         tcp_read(&mut c).is_some_and(|r| id_of(&r) == 3)
     });
 }
+
+#[test]
+fn idle_receive_threads_of_every_listener_keep_the_watchdog_satisfied() {
+    // The second listener stands for the ClusterIP one: `--cluster-dns` keeps the self-probe
+    // off it, so only its threads' loop counts vouch for it. With nothing to do, every thread
+    // still goes round its loop once per receive timeout: idle must not look stuck.
+    let up = answering(85, Duration::ZERO);
+    let cluster_ip = sa(86, DNS_PORT);
+    let listen = cluster_ip.to_string();
+    let ip = cluster_ip.ip().to_string();
+    let mut d = Daemon::start(
+        84,
+        &[up.addr],
+        &[
+            "--listen",
+            &listen,
+            "--cluster-dns",
+            &ip,
+            "--threads",
+            "2",
+            "--watchdog-timeout",
+            "1s",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        d.proc.child.try_wait().unwrap().is_none(),
+        "the watchdog ended an idle daemon"
+    );
+    for addr in [d.dns, cluster_ip] {
+        let sock = std::net::UdpSocket::bind(sa(87, 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock.send_to(&query(9, "idle.example", 1, None), addr)
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!(id_of(&buf[..n]), 9, "{addr} answers");
+    }
+    d.sigterm();
+    assert_exits_zero(&mut d);
+}

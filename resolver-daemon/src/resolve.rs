@@ -20,17 +20,27 @@ pub const RCODE_BADVERS: u16 = 16;
 /// Largest TCP answer.
 pub const TCP_LIMIT: usize = 65_535;
 
-/// The idle sweep visits a tenth of every cache shard each tick, every entry once per 250 ms:
-/// inside the second half of the prefetch window of a 5 s TTL (the last 6.25–12.5 %,
-/// ≥ 312 ms), where the sweep claims entries, so popular entries of the seed's shortest
-/// default clamps are claimed before they expire. Small slices keep each shard lock short
-/// (≤ ~1 200 entries at the default capacities) and each tick's batch of refreshes small.
-const IDLE_SWEEP_TICK: Duration = Duration::from_millis(25);
-const IDLE_SWEEP_PARTS: usize = 10;
+/// The idle sweep visits every cache entry once per pass of 250 ms: inside the second half
+/// of the prefetch window of a 5 s TTL (the last 6.25–12.5 %, ≥ 312 ms), where the sweep
+/// claims entries, so popular entries of the seed's shortest default clamps are claimed
+/// before they expire. A big cache is swept in up to 10 steps spread over the pass, each
+/// taking a slice of every shard, so a shard lock is held for at most ~1 200 entries at the
+/// default capacities; a cache of up to `IDLE_SWEEP_STEP_ENTRIES` is swept in one step
+/// (4 wake-ups a second instead of 40 on a typical node).
+const IDLE_SWEEP_PASS: Duration = Duration::from_millis(250);
+const IDLE_SWEEP_MAX_PARTS: usize = 10;
+const IDLE_SWEEP_STEP_ENTRIES: usize = 20_000;
 /// Pause between whole-cache checks while nothing popular is cached.
 const IDLE_SWEEP_QUIET: Duration = Duration::from_secs(1);
-/// Most refreshes one tick starts; the rest are claimed a pass later.
-const IDLE_SWEEP_MAX: usize = 256;
+/// Most refreshes one pass starts; the rest are claimed a pass later.
+const IDLE_SWEEP_PASS_MAX: usize = 2_560;
+
+/// How many steps a pass over a cache of `entries` takes.
+fn sweep_parts(entries: usize) -> usize {
+    entries
+        .div_ceil(IDLE_SWEEP_STEP_ENTRIES)
+        .clamp(1, IDLE_SWEEP_MAX_PARTS)
+}
 
 /// What the fast path decided for one client message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,21 +276,20 @@ impl Resolver {
     /// Refreshes popular entries whose prefetch point passed with nobody asking
     /// (`Cache::idle_refreshes`), forever; counts them in `started`. While a whole pass finds
     /// no popular entry to watch (an idle node), the cache is checked once a second in one
-    /// step instead of 40 small ones.
+    /// step.
     pub async fn sweep_idle_entries(self: Arc<Self>, started: prometheus::IntCounter) {
-        let mut tick = tokio::time::interval(IDLE_SWEEP_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let stats = self.cache.stats();
+            let parts = sweep_parts(stats.success_entries + stats.denial_entries);
             let mut watched = 0;
-            for part in 0..IDLE_SWEEP_PARTS {
-                tick.tick().await;
-                watched += self.sweep_step((part, IDLE_SWEEP_PARTS), &started);
+            for part in 0..parts {
+                tokio::time::sleep(IDLE_SWEEP_PASS / parts as u32).await;
+                watched += self.sweep_step((part, parts), IDLE_SWEEP_PASS_MAX / parts, &started);
             }
             while watched == 0 {
                 tokio::time::sleep(IDLE_SWEEP_QUIET).await;
-                watched = self.sweep_step((0, 1), &started);
+                watched = self.sweep_step((0, 1), IDLE_SWEEP_PASS_MAX, &started);
             }
-            tick.reset();
         }
     }
 
@@ -288,11 +297,10 @@ impl Resolver {
     fn sweep_step(
         self: &Arc<Self>,
         slice: (usize, usize),
+        max: usize,
         started: &prometheus::IntCounter,
     ) -> usize {
-        let sweep = self
-            .cache
-            .idle_refreshes(Instant::now(), slice, IDLE_SWEEP_MAX);
+        let sweep = self.cache.idle_refreshes(Instant::now(), slice, max);
         started.inc_by(sweep.queries.len() as u64);
         sweep
             .queries
@@ -446,4 +454,21 @@ pub fn rewrite_for_client(resp: &[u8], q: &Query<'_>, limit: usize) -> Option<Ve
 
 fn has_additional(resp: &[u8]) -> bool {
     resp.get(10..12).is_some_and(|c| c != [0, 0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_caches_are_swept_in_one_step_and_big_ones_in_slices_of_bounded_size() {
+        assert_eq!(sweep_parts(0), 1);
+        assert_eq!(sweep_parts(IDLE_SWEEP_STEP_ENTRIES), 1);
+        assert_eq!(sweep_parts(IDLE_SWEEP_STEP_ENTRIES + 1), 2);
+        // The default capacities (120 000 + 65 536 entries): the most steps, each ≤ 20k.
+        let full = 120_000 + 65_536;
+        assert_eq!(sweep_parts(full), IDLE_SWEEP_MAX_PARTS);
+        assert!(full.div_ceil(sweep_parts(full)) <= IDLE_SWEEP_STEP_ENTRIES);
+        assert_eq!(sweep_parts(10_000_000), IDLE_SWEEP_MAX_PARTS);
+    }
 }

@@ -224,7 +224,7 @@ pub struct Args {
     #[arg(long, env = "NODE_LOCAL_DNS_SYNC_INTERVAL", value_parser = parse_duration, default_value = "10s")]
     pub sync_interval: Duration,
     /// Node-local interface holding the listen addresses.
-    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = "nodelocaldns")]
+    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
     pub interface: String,
     /// iptables backend to program: auto = the one kube-proxy uses (more KUBE- chains; nft
     /// when tied).

@@ -1,7 +1,7 @@
 //! The watchdog: a plain thread that probes the daemon's own UDP listeners, checks that
-//! every UDP receive thread keeps going round its loop and that the tokio runtime is alive; after `timeout` of continuous failure it exits the process
-//! non-zero, so the kernel closes the sockets and pods fall back to kube-proxy's path
-//! instead of hanging on a wedged cache.
+//! every UDP receive thread keeps going round its loop and that the tokio runtime is alive;
+//! after `timeout` of continuous failure it exits the process non-zero, so the kernel closes
+//! the sockets and pods fall back to kube-proxy's path instead of hanging on a wedged cache.
 
 use crate::udp::ThreadProgress;
 use std::net::{SocketAddr, UdpSocket};
@@ -76,10 +76,10 @@ pub fn probe(target: SocketAddr, wait: Duration) -> bool {
 
 /// Progress of every UDP thread at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen(Vec<(u64, u64)>);
+struct Seen(Vec<(u64, u64)>);
 
 impl Seen {
-    pub fn now(threads: &[Arc<ThreadProgress>]) -> Self {
+    fn now(threads: &[Arc<ThreadProgress>]) -> Self {
         Seen(threads.iter().map(|t| t.snapshot()).collect())
     }
 }
@@ -88,7 +88,7 @@ impl Seen {
 /// interval ago, several receive timeouts): every UDP thread must have gone round its loop,
 /// including those of listeners the probe cannot reach, and the listeners must answer the
 /// probe, or be serving others (an overloaded socket may drop the probe).
-pub fn round_ok(before: &Seen, after: &Seen, probes_ok: bool, runtime_alive: bool) -> bool {
+fn round_ok(before: &Seen, after: &Seen, probes_ok: bool, runtime_alive: bool) -> bool {
     let pairs = || before.0.iter().zip(&after.0);
     let all_looping = pairs().all(|(b, a)| a.0 > b.0);
     let serving = pairs().any(|(b, a)| a.1 > b.1);

@@ -75,20 +75,8 @@ struct InstallArgs {
     /// kube-dns ClusterIP(s), one per family: IP[,IP6]. Falls back to KUBE_DNS_SVC_IP.
     #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
     cluster_dns: Vec<IpAddr>,
-    /// Link-local listen address(es) written into the plugin entry.
-    #[arg(long, env = "NODE_LOCAL_DNS_LOCAL_IP", value_delimiter = ',', default_value = node_setup::DEFAULT_LOCAL_IP)]
-    local_ip: Vec<IpAddr>,
-    /// Node-local interface the plugin ensures (the resolver's --interface).
-    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
-    interface: String,
-    /// iptables backend the plugin programs (the resolver's --iptables-backend).
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_parser = clap_parser::<IptablesBackend>(),
-        default_value = "auto"
-    )]
-    iptables_backend: IptablesBackend,
+    #[command(flatten)]
+    node: NodeArgs,
     /// How the plugin's PREROUTING rules match the resolver's socket (the resolver's
     /// --socket-match; the two must agree or each undoes the other's rules).
     #[arg(
@@ -119,6 +107,27 @@ struct InstallArgs {
     retry_interval: Duration,
 }
 
+/// The node settings both subcommands share, read from the same `NODE_LOCAL_DNS_*`
+/// variables as the resolver's flags of the same names: `install` writes them into the
+/// plugin's entry, `uninstall --teardown-node` removes what they name.
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Link-local listen address(es).
+    #[arg(long, env = "NODE_LOCAL_DNS_LOCAL_IP", value_delimiter = ',', default_value = node_setup::DEFAULT_LOCAL_IP)]
+    local_ip: Vec<IpAddr>,
+    /// Node-local interface holding the listen addresses.
+    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
+    interface: String,
+    /// iptables backend: auto = the one kube-proxy uses.
+    #[arg(
+        long,
+        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
+        value_parser = clap_parser::<IptablesBackend>(),
+        default_value = "auto"
+    )]
+    iptables_backend: IptablesBackend,
+}
+
 #[derive(Debug, Args)]
 struct UninstallArgs {
     #[command(flatten)]
@@ -131,20 +140,8 @@ struct UninstallArgs {
     /// then KUBE_DNS_SVC_IP.
     #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
     cluster_dns: Vec<IpAddr>,
-    /// Link-local address(es) teardown removes.
-    #[arg(long, env = "NODE_LOCAL_DNS_LOCAL_IP", value_delimiter = ',', default_value = node_setup::DEFAULT_LOCAL_IP)]
-    local_ip: Vec<IpAddr>,
-    /// Interface teardown removes.
-    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
-    interface: String,
-    /// iptables backend teardown edits.
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_parser = clap_parser::<IptablesBackend>(),
-        default_value = "auto"
-    )]
-    iptables_backend: IptablesBackend,
+    #[command(flatten)]
+    node: NodeArgs,
     /// Lock file shared with the plugin and the resolver.
     #[arg(long, env = "NODE_LOCAL_DNS_SETUP_LOCK", default_value = node_setup::DEFAULT_LOCK_PATH)]
     setup_lock: PathBuf,
@@ -222,10 +219,10 @@ fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
         );
     }
     let entry = PluginEntry {
-        interface: args.interface,
-        backend: args.iptables_backend,
+        interface: args.node.interface,
+        backend: args.node.iptables_backend,
         socket_match: args.socket_match,
-        ..PluginEntry::new(cluster_dns, args.local_ip)
+        ..PluginEntry::new(cluster_dns, args.node.local_ip)
     };
     entry.validate().context("plugin entry")?;
     Ok(InstallConfig {
@@ -283,10 +280,10 @@ fn teardown(args: &UninstallArgs, removed_entries: &[serde_json::Value]) -> anyh
         );
     }
     let mut cfg = node_setup::NodeConfig::new(cluster_dns);
-    cfg.local_ips = args.local_ip.clone();
-    cfg.interface = args.interface.clone();
+    cfg.local_ips = args.node.local_ip.clone();
+    cfg.interface = args.node.interface.clone();
     cfg.lock_path = args.setup_lock.clone();
-    cfg.backend = args.iptables_backend;
+    cfg.backend = args.node.iptables_backend;
     node_setup::teardown_node(&cfg).context("node teardown")?;
     tracing::info!(interface = %cfg.interface, "node state removed");
     Ok(())

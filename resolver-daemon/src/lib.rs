@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod pace;
 pub mod resolve;
+pub mod sched;
 pub mod server;
 pub mod setup;
 pub mod sockets;

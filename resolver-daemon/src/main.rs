@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(cfg.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers)
-        .on_thread_start(resolver::server::lower_priority_of_this_thread)
+        .on_thread_start(resolver::sched::lower_priority_of_this_thread)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

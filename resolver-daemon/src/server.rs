@@ -182,6 +182,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 log_queries: cfg.log_queries,
                 progress: Arc::new(ThreadProgress::default()),
                 coalesce: cfg.udp_coalesce,
+                slice: cfg.udp_slice,
                 prefetch_dropped: metrics.prefetch_dropped.clone(),
             };
             progress.push(hot.progress.clone());
@@ -396,24 +397,6 @@ async fn wait_for_signal() -> Result<(), ServerError> {
     }
     Ok(())
 }
-
-/// Runs on every tokio thread: cache hits (the UDP threads) come before misses, prefetches,
-/// TCP and metrics when they share a CPU, so a batch of upstream work does not delay the
-/// answers queued behind it. Lowering one's own priority needs no privilege.
-pub fn lower_priority_of_this_thread() {
-    // SAFETY: setpriority on the calling thread (who = 0) only changes its nice value.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, TOKIO_NICE) };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "setpriority");
-    }
-}
-
-/// Nice value of the tokio threads (the UDP threads keep 0). Server capped at half a core,
-/// search-path mix at 20k q/s with prefetches, p99: 0.15-0.19 ms at nice 0, 0.10-0.15 at 5,
-/// 0.10-0.14 at 10. But at 10 the tokio side gets ~10 % of a saturated CPU, too little to
-/// keep refreshing while hits saturate it (entries then expire and misses queue: one run in
-/// three went to 5 ms p99); 5 still leaves it a quarter.
-const TOKIO_NICE: libc::c_int = 5;
 
 fn install_panic_counter(counter: prometheus::IntCounter) {
     let previous = std::panic::take_hook();

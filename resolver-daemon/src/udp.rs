@@ -143,6 +143,8 @@ pub struct HotPath {
     pub progress: Arc<ThreadProgress>,
     /// Pause between small back-to-back batches (0: never).
     pub coalesce: Duration,
+    /// EEVDF slice to ask for (zero: the kernel's default).
+    pub slice: Duration,
     /// Refreshes lost to a full job queue.
     pub prefetch_dropped: prometheus::IntCounter,
 }
@@ -324,6 +326,7 @@ impl HotPath {
         // Precise short sleeps for batching (the default timer slack is 50 µs).
         // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
+        self.ask_for_slice();
         let mut last = Instant::now();
         let mut prefetch = PrefetchBatch::default();
         while !self.shutdown.load(Ordering::Relaxed) {
@@ -356,6 +359,21 @@ impl HotPath {
             last = now;
         }
         tracing::debug!(listener = self.listener, "udp receive thread stopped");
+    }
+
+    fn ask_for_slice(&self) {
+        if self.slice.is_zero() {
+            return;
+        }
+        match crate::sched::request_slice_for_this_thread(self.slice) {
+            Ok(Some(got)) => {
+                tracing::debug!(listener = self.listener, slice = ?got, "udp thread slice")
+            }
+            Ok(None) => {
+                tracing::debug!("no custom scheduler slice (Linux < 6.12 or a real-time policy)")
+            }
+            Err(e) => tracing::warn!(error = %e, "sched_setattr: keeping the default slice"),
+        }
     }
 
     fn handle_batch(&self, b: &mut Batch, n: usize, now: Instant, prefetch: &mut PrefetchBatch) {

@@ -380,3 +380,46 @@ fn idle_receive_threads_of_every_listener_keep_the_watchdog_satisfied() {
     d.sigterm();
     assert_exits_zero(&mut d);
 }
+
+/// `se.slice` of each thread of `pid` whose name starts with `prefix`, from /proc.
+fn thread_slices(pid: i32, prefix: &str) -> Vec<(String, Option<u64>)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|v| v.trim().parse().ok());
+        out.push((comm.trim().to_string(), slice));
+    }
+    out
+}
+
+#[test]
+fn udp_threads_run_with_the_slice_they_were_given() {
+    let up = answering(89, Duration::ZERO);
+    let d = Daemon::start(88, &[up.addr], &["--threads", "2", "--udp-slice", "250us"]);
+    let main_slice = thread_slices(d.proc.pid(), "node-local-dns")
+        .first()
+        .and_then(|(_, s)| *s);
+    let Some(main_slice) = main_slice else {
+        eprintln!("no se.slice in /proc/PID/sched on this kernel; nothing to check");
+        return;
+    };
+    let udp = thread_slices(d.proc.pid(), "udp-");
+    assert_eq!(udp.len(), 2, "{udp:?}");
+    for (name, slice) in &udp {
+        assert_eq!(*slice, Some(250_000), "{name}");
+    }
+    assert_ne!(
+        main_slice, 250_000,
+        "only the UDP threads change their slice"
+    );
+    d.sigterm();
+}

@@ -5,11 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-gnu
-RUSTFLAGS="-C target-feature=+crt-static" \
+RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
   cargo build --release --locked -p node-local-dns-cni --target "$target"
 bin="target/$target/release/node-local-dns"
 if ! file "$bin" | grep -q "static"; then
   echo "not statically linked: $(file "$bin")" >&2
+  exit 1
+fi
+if file "$bin" | grep -q "with debug_info"; then
+  echo "the node's copy should carry no debug info: $(file "$bin")" >&2
   exit 1
 fi
 root=$(mktemp -d)

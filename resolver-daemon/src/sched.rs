@@ -26,6 +26,9 @@ pub fn lower_priority_of_this_thread() {
 pub const SLICE_RANGE: (Duration, Duration) =
     (Duration::from_micros(100), Duration::from_millis(100));
 
+/// include/uapi/linux/sched.h
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
 /// `struct sched_attr` as of SCHED_ATTR_SIZE_VER0 (48 bytes); the utilisation clamps that
 /// follow it in newer kernels are not used.
 #[repr(C)]
@@ -54,7 +57,9 @@ pub fn request_slice_for_this_thread(slice: Duration) -> std::io::Result<Option<
         return Ok(None); // a real-time or deadline policy set by the operator wins
     }
     attr.runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
-    attr.flags = 0;
+    // Keep reset-on-fork if the operator set it; the utilisation-clamp flags belong to the
+    // larger struct versions this call does not send.
+    attr.flags &= SCHED_FLAG_RESET_ON_FORK;
     set_attr(&attr)?;
     let now = get_attr()?;
     Ok((now.runtime != 0).then(|| Duration::from_nanos(now.runtime)))

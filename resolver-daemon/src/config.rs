@@ -25,6 +25,31 @@ pub enum UpstreamProto {
     PreferUdp,
 }
 
+/// How many UDP receive threads serve each listen address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpThreads {
+    /// This many, unpinned; the kernel spreads queries over them by a hash of the source.
+    Fixed(usize),
+    /// One per CPU in the process's affinity mask, pinned; a query goes to the thread on
+    /// the CPU that sent it.
+    PerCpu,
+}
+
+/// At most this many UDP threads per listen address (also the cap for `auto`).
+pub const MAX_UDP_THREADS: usize = 64;
+
+fn parse_threads(s: &str) -> Result<UdpThreads, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(UdpThreads::PerCpu);
+    }
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_UDP_THREADS).contains(&n) => Ok(UdpThreads::Fixed(n)),
+        _ => Err(format!(
+            "invalid thread count {s:?} (1..={MAX_UDP_THREADS} or auto)"
+        )),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -116,9 +141,12 @@ pub struct Args {
     )]
     pub resolv_conf: PathBuf,
 
-    /// UDP receive threads per listen address (SO_REUSEPORT).
-    #[arg(long, env = "NODE_LOCAL_DNS_THREADS", default_value_t = 1)]
-    pub threads: usize,
+    /// UDP receive threads per listen address (SO_REUSEPORT), or `auto`: one per CPU the
+    /// daemon may run on, each pinned to its CPU and taking the queries sent from that CPU
+    /// (SO_INCOMING_CPU, Linux >= 6.2), so a pod's query and its answer never wake another
+    /// CPU.
+    #[arg(long, env = "NODE_LOCAL_DNS_THREADS", default_value = "1", value_parser = parse_threads)]
+    pub threads: UdpThreads,
 
     /// Under steady load, pause this long between small back-to-back UDP batches so one
     /// wake-up handles several queries (less CPU per answer, at most this much added
@@ -330,7 +358,7 @@ pub struct Config {
     pub cluster_domain: String,
     pub external_to_resolv_conf: bool,
     pub resolv_conf: PathBuf,
-    pub threads: usize,
+    pub threads: UdpThreads,
     pub udp_coalesce: Duration,
     pub udp_slice: Duration,
     pub workers: usize,
@@ -471,12 +499,7 @@ fn dedup(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
 fn check_ranges(args: &Args) -> Result<(), ConfigError> {
     let (min_slice, max_slice) = crate::sched::SLICE_RANGE;
     let slice = args.udp_slice;
-    let checks: [(bool, &'static str, &'static str); 8] = [
-        (
-            args.threads >= 1 && args.threads <= 64,
-            "--threads",
-            "1..=64",
-        ),
+    let checks: [(bool, &'static str, &'static str); 7] = [
         (
             args.workers >= 1 && args.workers <= 64,
             "--workers",
@@ -648,6 +671,29 @@ mod tests {
                 Err(ConfigError::Range { name, .. }) => assert_eq!(name, "--udp-slice"),
                 other => panic!("{bad}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn threads_are_a_count_or_one_per_cpu() {
+        let threads = |v: &str| {
+            let argv = [
+                "node-local-dns-resolver",
+                "--listen",
+                "127.0.30.1",
+                "--threads",
+                v,
+            ];
+            Args::try_parse_from(argv).map(|a| a.threads)
+        };
+        let default = Args::try_parse_from(["node-local-dns-resolver"]).unwrap();
+        assert_eq!(default.threads, UdpThreads::Fixed(1));
+        assert_eq!(threads("4").unwrap(), UdpThreads::Fixed(4));
+        assert_eq!(threads("auto").unwrap(), UdpThreads::PerCpu);
+        assert_eq!(threads("AUTO").unwrap(), UdpThreads::PerCpu);
+        for bad in ["0", "65", "many", ""] {
+            let err = threads(bad).expect_err(bad).to_string();
+            assert!(err.contains("1..=64 or auto"), "{bad}: {err}");
         }
     }
 

@@ -1,5 +1,6 @@
-//! Scheduling knobs for the daemon's own threads. Neither needs a privilege: lowering one's
-//! own priority and choosing a shorter EEVDF slice are open to any thread.
+//! Scheduling knobs for the daemon's own threads. None needs a privilege: lowering one's
+//! own priority, choosing a shorter EEVDF slice and narrowing one's own CPU affinity are
+//! open to any thread.
 
 use std::time::Duration;
 
@@ -65,6 +66,24 @@ pub fn request_slice_for_this_thread(slice: Duration) -> std::io::Result<Option<
     Ok((now.runtime != 0).then(|| Duration::from_nanos(now.runtime)))
 }
 
+/// The CPUs this process may run on (its affinity mask: the container's cpuset, minus what
+/// the operator's `taskset` or the kubelet's CPU manager took away), in ascending order.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+/// Pins the calling thread to `cpu`, so that the queries the kernel steers to its socket
+/// (SO_INCOMING_CPU: those sent from `cpu`) are answered where they were sent.
+pub fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
 fn get_attr() -> std::io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
@@ -102,6 +121,26 @@ fn set_attr(attr: &SchedAttr) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_thread_runs_only_on_its_cpu() {
+        let cpus = allowed_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]), "ascending: {cpus:?}");
+        let last = *cpus.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            pin_this_thread(last).unwrap();
+            (allowed_cpus().unwrap(), nix::sched::sched_getcpu().unwrap())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, (vec![last], last));
+        assert_eq!(
+            allowed_cpus().unwrap(),
+            cpus,
+            "other threads keep their mask"
+        );
+    }
 
     #[test]
     fn sched_attr_has_the_kernels_ver0_layout() {

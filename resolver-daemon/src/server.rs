@@ -3,7 +3,7 @@
 //! in-flight queries drained within the grace period).
 
 use crate::cache::Cache;
-use crate::config::Config;
+use crate::config::{Config, MAX_UDP_THREADS, UdpThreads};
 use crate::http::{self, Endpoints};
 use crate::metrics::{Metrics, Proto, ServerMetrics, server_label};
 use crate::resolve::{RefreshQueue, Resolver};
@@ -156,10 +156,11 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
     let mut listeners = Vec::new();
     let mut threads = Vec::new();
     let mut tcp_listeners = Vec::new();
+    let thread_cpus = udp_thread_cpus(cfg.threads);
     for (idx, addr) in cfg.listen.iter().copied().enumerate() {
         let udp_metrics = metrics.server(addr, Proto::Udp);
-        for t in 0..cfg.threads {
-            let sock = sockets::bind_udp(addr, RECV_TIMEOUT)?;
+        for (t, &cpu) in thread_cpus.iter().enumerate() {
+            let sock = sockets::bind_udp(addr, RECV_TIMEOUT, cpu)?;
             if t == 0 {
                 let clone = sock.try_clone().map_err(|source| sockets::SocketError {
                     what: "udp clone",
@@ -183,6 +184,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 progress: Arc::new(ThreadProgress::default()),
                 coalesce: cfg.udp_coalesce,
                 slice: cfg.udp_slice,
+                cpu,
                 prefetch_dropped: metrics.prefetch_dropped.clone(),
             };
             progress.push(hot.progress.clone());
@@ -324,6 +326,22 @@ fn start_heartbeat(hb: Arc<Heartbeat>) {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
+}
+
+/// The CPU each UDP thread of a listener is pinned to (`None`: not pinned).
+fn udp_thread_cpus(threads: UdpThreads) -> Vec<Option<usize>> {
+    match threads {
+        UdpThreads::Fixed(n) => vec![None; n],
+        UdpThreads::PerCpu => match crate::sched::allowed_cpus() {
+            Ok(cpus) if !cpus.is_empty() => {
+                cpus.into_iter().take(MAX_UDP_THREADS).map(Some).collect()
+            }
+            other => {
+                tracing::warn!(result = ?other, "no CPU list for --threads auto: one unpinned UDP thread");
+                vec![None]
+            }
+        },
+    }
 }
 
 /// Misses and prefetches from the UDP threads: one task each.

@@ -145,6 +145,8 @@ pub struct HotPath {
     pub coalesce: Duration,
     /// EEVDF slice to ask for (zero: the kernel's default).
     pub slice: Duration,
+    /// The CPU this thread runs on, the one whose queries its socket takes (`--threads auto`).
+    pub cpu: Option<usize>,
     /// Refreshes lost to a full job queue.
     pub prefetch_dropped: prometheus::IntCounter,
 }
@@ -326,6 +328,7 @@ impl HotPath {
         // Precise short sleeps for batching (the default timer slack is 50 µs).
         // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64, 0u64, 0u64, 0u64) };
+        self.pin();
         self.ask_for_slice();
         let mut last = Instant::now();
         let mut prefetch = PrefetchBatch::default();
@@ -359,6 +362,15 @@ impl HotPath {
             last = now;
         }
         tracing::debug!(listener = self.listener, "udp receive thread stopped");
+    }
+
+    /// Unpinned, the thread would still get its CPU's queries but answer them wherever the
+    /// scheduler put it, paying a cross-CPU wake-up each way.
+    fn pin(&self) {
+        let Some(cpu) = self.cpu else { return };
+        if let Err(e) = crate::sched::pin_this_thread(cpu) {
+            tracing::warn!(error = %e, cpu, listener = self.listener, "udp thread not pinned");
+        }
     }
 
     fn ask_for_slice(&self) {

@@ -74,6 +74,7 @@ impl Daemon {
             .env("NODE_LOCAL_DNS_CLUSTER_DOMAIN", "cluster.local")
             .env("NODE_LOCAL_DNS_IPTABLES_BACKEND", "auto")
             .env("NODE_LOCAL_DNS_SOCKET_MATCH", "safe")
+            .env("NODE_LOCAL_DNS_THREADS", "auto")
             .env("NODE_LOCAL_DNS_METRICS_LISTEN", opts.metrics.to_string())
             .env("NODE_LOCAL_DNS_HEALTH_LISTEN", opts.health.to_string())
             .env(

@@ -2,19 +2,28 @@
 # Exact server CPU per answer at a fixed rate, from the scheduler's task clock (perf stat),
 # next to the harness's tick-sampled utime+stime (/proc clock ticks: 10 ms each).
 #
-#   resolver-daemon/bench/cpu-taskclock.sh [ROUNDS] [QPS] [WORKLOAD]
+#   [THREADS=2] resolver-daemon/bench/cpu-taskclock.sh [ROUNDS] [QPS] [WORKLOAD]
 #
 # Needs ../shared/bench set up and run once (its data dir holds the query files and the
 # rendered knotd config), perf, and the release binary in target/release. Same placement as
 # the harness: generator and upstream on CPU 0, server on CPU 1. Peers: unbound, ours.
+# THREADS=2 is the harness's 2t placement: the server on CPUs 0,1 (shared with the
+# generator), unbound with 2 threads, ours with --threads auto (one pinned thread per CPU).
 set -euo pipefail
 ROUNDS=${1:-3}; QPS=${2:-20000}; WL=${3:-hot}; SECS=${SECS:-4}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${NLD_BIN:-$HERE/../../target/release/node-local-dns-resolver}
 DATA=${PEERBENCH_DATA:-$HOME/.cache/peerbench}
 Q=$DATA/queries/$WL.txt
-[[ -f $Q && -f $DATA/run/upstream/knot.conf && -f $DATA/run/unbound-1t/unbound.conf ]] ||
-  { echo "run ../shared/bench/peerbench.sh with unbound-1t first" >&2; exit 1; }
+THREADS=${THREADS:-1}
+case $THREADS in
+  1) SRV_CPUS=1; OURS_THREADS=1 ;;
+  2) SRV_CPUS=0,1; OURS_THREADS=auto ;;
+  *) echo "THREADS is 1 or 2" >&2; exit 1 ;;
+esac
+UNBOUND_CONF=$DATA/run/unbound-${THREADS}t/unbound.conf
+[[ -f $Q && -f $DATA/run/upstream/knot.conf && -f $UNBOUND_CONF ]] ||
+  { echo "run ../shared/bench/peerbench.sh with unbound-${THREADS}t first" >&2; exit 1; }
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -26,7 +35,7 @@ sleep 0.5
 
 measure() { # NAME ADDR COMMAND...
   local name=$1 addr=$2; shift 2
-  taskset -c 1 "$@" >/dev/null 2>&1 &
+  taskset -c "$SRV_CPUS" "$@" >/dev/null 2>&1 &
   local srv=$!
   pids+=("$srv")
   sleep 0.7
@@ -48,8 +57,8 @@ measure() { # NAME ADDR COMMAND...
 
 SHM_OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
-  measure unbound 127.0.0.10 unbound -d -c "$DATA/run/unbound-1t/unbound.conf"
+  measure unbound 127.0.0.10 unbound -d -c "$UNBOUND_CONF"
   measure node-local-dns 127.0.0.15 "$BIN" --listen 127.0.0.15:53 --upstream 127.0.0.2:53 \
-    --no-node-setup --metrics-listen 127.0.0.15:9253 --health-listen 127.0.0.15:8080
+    --threads "$OURS_THREADS" --no-node-setup --metrics-listen 127.0.0.15:9253 --health-listen 127.0.0.15:8080
 done
 rm -f "$SHM_OUT"

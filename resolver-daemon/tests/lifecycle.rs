@@ -424,94 +424,15 @@ fn udp_threads_run_with_the_slice_they_were_given() {
     d.sigterm();
 }
 
-/// For each thread of `pid` whose name starts with `prefix`: (CPUs it may run on, times it
-/// was switched out so far, asleep or preempted), from /proc.
-fn thread_cpus_and_switches(pid: i32, prefix: &str) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        let count = |name| field(name).parse::<u64>().unwrap_or(0);
-        let switches = count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:");
-        out.push((field("Cpus_allowed_list:"), switches));
-    }
-    out.sort();
-    out
-}
-
-/// Sends `n` queries one after the other from a thread pinned to `cpu`, each answered.
-fn ask_from_cpu(cpu: usize, dns: std::net::SocketAddr, n: u16) {
-    std::thread::spawn(move || {
-        let mut set = nix::sched::CpuSet::new();
-        set.set(cpu).unwrap();
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
-        let sock = std::net::UdpSocket::bind(sa(92, 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 512];
-        for id in 0..n {
-            sock.send_to(&query(id, "local.example", 1, None), dns)
-                .unwrap();
-            let (len, _) = sock.recv_from(&mut buf).unwrap();
-            assert_eq!(id_of(&buf[..len]), id);
-        }
-    })
-    .join()
-    .unwrap();
-}
-
 #[test]
 fn per_cpu_threads_answer_queries_on_the_cpu_that_sent_them() {
-    // `--threads auto`: one UDP thread per CPU the daemon may use, pinned, and the kernel
-    // (SO_INCOMING_CPU, Linux >= 6.2) hands each thread the datagrams sent from its CPU.
-    // A client that waits for each answer must run between two queries, so every query
-    // switches the receiving thread out once (it sleeps, or the client on its CPU preempts
-    // it): the threads' context switches say which one answered.
-    let cpus = (0..nix::sched::CpuSet::count())
-        .filter(|&c| {
-            nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-                .unwrap()
-                .is_set(c)
-                .unwrap()
-        })
-        .collect::<Vec<_>>();
     let up = answering(91, Duration::ZERO);
     let d = Daemon::start(90, &[up.addr], &["--threads", "auto"]);
-    let before = thread_cpus_and_switches(d.proc.pid(), "udp-");
-    let pinned: Vec<String> = before.iter().map(|(c, _)| c.clone()).collect();
-    let want: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
-    assert_eq!(pinned, want, "one UDP thread pinned to each CPU");
-    ask_from_cpu(cpus[0], d.dns, 1); // the miss: cached from now on
-    const QUERIES: u16 = 400;
-    for &cpu in &cpus {
-        let before = thread_cpus_and_switches(d.proc.pid(), "udp-");
-        ask_from_cpu(cpu, d.dns, QUERIES);
-        let after = thread_cpus_and_switches(d.proc.pid(), "udp-");
-        for ((pin, s0), (_, s1)) in before.iter().zip(&after) {
-            let switched = s1 - s0;
-            if *pin == cpu.to_string() {
-                assert!(
-                    switched >= u64::from(QUERIES),
-                    "thread on CPU {pin} switched out {switched} times for {QUERIES} queries"
-                );
-            } else {
-                // Receive timeouts (10 a second) and the watchdog's probes only.
-                assert!(
-                    switched < 50,
-                    "thread on CPU {pin} switched out {switched} times for CPU {cpu}'s queries"
-                );
-            }
-        }
-    }
+    let client = PinnedClient {
+        netns: None,
+        bind: sa(92, 0),
+        name: "local.example",
+    };
+    assert_each_cpu_answered_by_its_own_thread(d.proc.pid(), "udp-", d.dns, &client);
     d.sigterm();
 }

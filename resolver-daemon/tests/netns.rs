@@ -287,7 +287,9 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
         stats.display().to_string(),
     ];
     if daemon_does_setup {
+        // As the DaemonSet runs it (install/configmap.yaml).
         args.extend(["--iptables-backend".into(), backend.into()]);
+        args.extend(["--threads".into(), "auto".into()]);
     } else {
         args.push("--no-node-setup".into());
     }
@@ -375,6 +377,19 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
             addrs.contains(CLUSTER_IP) && addrs.contains(LOCAL_IP),
             "{addrs}"
         );
+    }
+
+    if daemon_does_setup {
+        // A pod's query through its veth and the NOTRACK rule is answered by the thread on
+        // the CPU the pod sent from.
+        let pod = PinnedClient {
+            netns: Some(t.pod.clone()),
+            bind: "0.0.0.0:0".parse().unwrap(),
+            name: "www.example.test",
+        };
+        let dns: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
+        let prefix = format!("udp-{CLUSTER_IP}");
+        assert_each_cpu_answered_by_its_own_thread(daemon.pid(), &prefix, dns, &pod);
     }
 
     // The cache answers with the cluster DNS gone...

@@ -569,3 +569,114 @@ pub fn question_end(q: &[u8]) -> usize {
     }
     i + 5
 }
+
+/// The CPUs this test process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap())
+        .collect()
+}
+
+/// For each thread of `pid` whose name starts with `prefix`, sorted: (CPUs it may run on,
+/// times it was switched out so far, asleep or preempted), from /proc.
+pub fn thread_cpus_and_switches(pid: i32, prefix: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let count = |name| field(name).parse::<u64>().unwrap_or(0);
+        let switches = count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:");
+        out.push((field("Cpus_allowed_list:"), switches));
+    }
+    out.sort();
+    out
+}
+
+/// A DNS client that asks from one CPU (and, optionally, one network namespace).
+pub struct PinnedClient {
+    /// Name of a namespace under /var/run/netns.
+    pub netns: Option<String>,
+    pub bind: SocketAddr,
+    /// A name the daemon can answer.
+    pub name: &'static str,
+}
+
+impl PinnedClient {
+    /// Sends `n` queries one after the other from a thread pinned to `cpu`, each answered.
+    pub fn ask_in_turn(&self, cpu: usize, dns: SocketAddr, n: u16) {
+        let (netns, bind, name) = (self.netns.clone(), self.bind, self.name);
+        std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            }
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+            let sock = UdpSocket::bind(bind).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 512];
+            for id in 0..n {
+                sock.send_to(&query(id, name, 1, None), dns).unwrap();
+                let (len, _) = sock.recv_from(&mut buf).unwrap();
+                assert_eq!(id_of(&buf[..len]), id);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// `--threads auto`: one UDP thread (named `prefix`…) per CPU this process may use, pinned,
+/// and the kernel (SO_INCOMING_CPU, Linux >= 6.2) hands each the datagrams sent from its CPU.
+/// A client that waits for each answer must run between two queries, so every query
+/// switches the receiving thread out once (it sleeps, or the client on its CPU preempts it):
+/// the threads' context switches say which one answered.
+pub fn assert_each_cpu_answered_by_its_own_thread(
+    pid: i32,
+    prefix: &str,
+    dns: SocketAddr,
+    client: &PinnedClient,
+) {
+    const QUERIES: u16 = 400;
+    let cpus = allowed_cpus();
+    let pinned: Vec<String> = thread_cpus_and_switches(pid, prefix)
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    let want: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
+    assert_eq!(pinned, want, "one UDP thread pinned to each CPU");
+    client.ask_in_turn(cpus[0], dns, 1); // a miss the first time: cached from now on
+    for &cpu in &cpus {
+        let before = thread_cpus_and_switches(pid, prefix);
+        client.ask_in_turn(cpu, dns, QUERIES);
+        let after = thread_cpus_and_switches(pid, prefix);
+        for ((pin, s0), (_, s1)) in before.iter().zip(&after) {
+            let switched = s1 - s0;
+            if *pin == cpu.to_string() {
+                assert!(
+                    switched >= u64::from(QUERIES),
+                    "thread on CPU {pin} switched out {switched} times for {QUERIES} queries"
+                );
+            } else {
+                // Receive timeouts (10 a second) and the watchdog's probes only.
+                assert!(
+                    switched < 50,
+                    "thread on CPU {pin} switched out {switched} times for CPU {cpu}'s queries"
+                );
+            }
+        }
+    }
+}

@@ -384,19 +384,14 @@ fn idle_receive_threads_of_every_listener_keep_the_watchdog_satisfied() {
 /// `se.slice` of each thread of `pid` whose name starts with `prefix`, from /proc.
 fn thread_slices(pid: i32, prefix: &str) -> Vec<(String, Option<u64>)> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
-            continue;
-        }
+    for (comm, dir) in threads_of(pid, prefix) {
         let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
         let slice = sched
             .lines()
             .find(|l| l.starts_with("se.slice"))
             .and_then(|l| l.rsplit(':').next())
             .and_then(|v| v.trim().parse().ok());
-        out.push((comm.trim().to_string(), slice));
+        out.push((comm, slice));
     }
     out
 }

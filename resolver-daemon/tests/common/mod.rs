@@ -570,6 +570,19 @@ pub fn question_end(q: &[u8]) -> usize {
     i + 5
 }
 
+/// (name, /proc directory) of each thread of `pid` whose name starts with `prefix`.
+pub fn threads_of(pid: i32, prefix: &str) -> Vec<(String, std::path::PathBuf)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            comm.starts_with(prefix)
+                .then(|| (comm.trim().to_string(), dir))
+        })
+        .collect()
+}
+
 /// The CPUs this test process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
@@ -582,12 +595,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// times it was switched out so far, asleep or preempted), from /proc.
 pub fn thread_cpus_and_switches(pid: i32, prefix: &str) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
-            continue;
-        }
+    for (_, dir) in threads_of(pid, prefix) {
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
         let field = |name: &str| {
             status

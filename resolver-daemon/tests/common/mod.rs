@@ -583,14 +583,6 @@ pub fn threads_of(pid: i32, prefix: &str) -> Vec<(String, std::path::PathBuf)> {
         .collect()
 }
 
-/// The CPUs this test process may run on.
-pub fn allowed_cpus() -> Vec<usize> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
-    (0..nix::sched::CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap())
-        .collect()
-}
-
 /// For each thread of `pid` whose name starts with `prefix`, sorted: (CPUs it may run on,
 /// times it was switched out so far, asleep or preempted), from /proc.
 pub fn thread_cpus_and_switches(pid: i32, prefix: &str) -> Vec<(String, u64)> {
@@ -623,6 +615,8 @@ pub struct PinnedClient {
 
 impl PinnedClient {
     /// Sends `n` queries one after the other from a thread pinned to `cpu`, each answered.
+    /// They rotate over 8 source ports: were the kernel spreading by hash of the source
+    /// instead of steering by CPU, about half of them would reach another thread.
     pub fn ask_in_turn(&self, cpu: usize, dns: SocketAddr, n: u16) {
         let (netns, bind, name) = (self.netns.clone(), self.bind, self.name);
         std::thread::spawn(move || {
@@ -630,13 +624,11 @@ impl PinnedClient {
                 let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
                 nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             }
-            let mut set = nix::sched::CpuSet::new();
-            set.set(cpu).unwrap();
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
-            let sock = UdpSocket::bind(bind).unwrap();
-            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            resolver::sched::pin_this_thread(cpu).unwrap();
+            let socks: Vec<UdpSocket> = (0..8).map(|_| UdpSocket::bind(bind).unwrap()).collect();
             let mut buf = [0u8; 512];
-            for id in 0..n {
+            for (id, sock) in (0..n).zip(socks.iter().cycle()) {
+                sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 sock.send_to(&query(id, name, 1, None), dns).unwrap();
                 let (len, _) = sock.recv_from(&mut buf).unwrap();
                 assert_eq!(id_of(&buf[..len]), id);
@@ -659,7 +651,7 @@ pub fn assert_each_cpu_answered_by_its_own_thread(
     client: &PinnedClient,
 ) {
     const QUERIES: u16 = 400;
-    let cpus = allowed_cpus();
+    let cpus = resolver::sched::allowed_cpus().unwrap();
     let pinned: Vec<String> = thread_cpus_and_switches(pid, prefix)
         .into_iter()
         .map(|(c, _)| c)
@@ -669,8 +661,12 @@ pub fn assert_each_cpu_answered_by_its_own_thread(
     client.ask_in_turn(cpus[0], dns, 1); // a miss the first time: cached from now on
     for &cpu in &cpus {
         let before = thread_cpus_and_switches(pid, prefix);
+        let started = Instant::now();
         client.ask_in_turn(cpu, dns, QUERIES);
         let after = thread_cpus_and_switches(pid, prefix);
+        // Another thread only wakes for its 100 ms receive timeout and the watchdog's two
+        // probes a second, however long a loaded machine took for the queries.
+        let idle_allowance = 20 + (started.elapsed().as_secs_f64() * 12.0) as u64;
         for ((pin, s0), (_, s1)) in before.iter().zip(&after) {
             let switched = s1 - s0;
             if *pin == cpu.to_string() {
@@ -679,9 +675,8 @@ pub fn assert_each_cpu_answered_by_its_own_thread(
                     "thread on CPU {pin} switched out {switched} times for {QUERIES} queries"
                 );
             } else {
-                // Receive timeouts (10 a second) and the watchdog's probes only.
                 assert!(
-                    switched < 50,
+                    switched < idle_allowance,
                     "thread on CPU {pin} switched out {switched} times for CPU {cpu}'s queries"
                 );
             }

@@ -2,6 +2,8 @@
 //! node's `nodelocaldns` interface and raw-table rules are in place (node-setup), then hands
 //! the previous plugin's result on unchanged. DEL, STATUS and GC never fail and change nothing.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod error;
 mod logging;

@@ -1,34 +1,41 @@
 //! Wires the real process (environment, stdin, stdout, exit code) to `skel::run`.
 
+#![deny(unsafe_code)]
+
 use std::io::{Read, Write};
 
 use node_local_dns_cni::{error, plugin::RealNode, skel};
 
-/// Where iptables lives on every distribution we run on. Runtimes pass their own PATH on to
-/// plugins, and a minimal one (no sbin) would make every node setup fail.
-const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
+// Changing the process environment is unsafe in edition 2024; it is done once, here.
+#[allow(unsafe_code)]
+mod sbin_path {
+    /// Where iptables lives on every distribution we run on. Runtimes pass their own PATH on to
+    /// plugins, and a minimal one (no sbin) would make every node setup fail.
+    const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
 
-fn ensure_sbin_on_path() {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let missing: Vec<&str> = SBIN_DIRS
-        .iter()
-        .copied()
-        .filter(|d| !path.split(':').any(|p| p == *d))
-        .collect();
-    if !missing.is_empty() {
-        let joined = [path.as_str()]
-            .into_iter()
-            .chain(missing)
-            .filter(|p| !p.is_empty())
-            .collect::<Vec<_>>()
-            .join(":");
-        // SAFETY: first statement of main, before any other thread exists.
-        unsafe { std::env::set_var("PATH", joined) };
+    pub fn ensure_sbin_on_path() {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let missing: Vec<&str> = SBIN_DIRS
+            .iter()
+            .copied()
+            .filter(|d| !path.split(':').any(|p| p == *d))
+            .collect();
+        if !missing.is_empty() {
+            let joined = [path.as_str()]
+                .into_iter()
+                .chain(missing)
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join(":");
+            // SAFETY: called as the first statement of main, before any other thread exists, so
+            // nothing can read the environment concurrently.
+            unsafe { std::env::set_var("PATH", joined) };
+        }
     }
 }
 
 fn main() {
-    ensure_sbin_on_path();
+    sbin_path::ensure_sbin_on_path();
     let mut stdin = Vec::new();
     let mut stdout = std::io::stdout().lock();
     let result = match std::io::stdin().read_to_end(&mut stdin) {

@@ -97,12 +97,12 @@ fn repair_or_report(
 /// The error kind a missing piece counts under.
 fn missing_error(first: &Missing, msg: String) -> SetupError {
     match first {
-        Missing::Interface(name) => SetupError::Interface {
+        Missing::Interface(name) => SetupError::AddInterface {
             name: name.clone(),
             msg,
         },
-        Missing::Address(addr) => SetupError::Address { addr: *addr, msg },
-        _ => SetupError::Iptables {
+        Missing::Address(addr) => SetupError::AddAddress { addr: *addr, msg },
+        _ => SetupError::RunIptables {
             cmd: "check".into(),
             msg,
         },

@@ -22,7 +22,7 @@ impl NodeOps for FakeNode {
     fn ensure(&self, _cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
         self.ensures.set(self.ensures.get() + 1);
         if self.ensure_fails {
-            return Err(SetupError::Iptables {
+            return Err(SetupError::RunIptables {
                 cmd: "iptables-nft -t raw -I PREROUTING 1".into(),
                 msg: "boom".into(),
             });

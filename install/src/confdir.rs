@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::InstallError;
-use crate::atomic::{self, FileMode};
+use crate::atomic::{self, Durability, FileMode};
 use crate::conflist::{self, PluginEntry, Shape};
 
 /// Extensions libcni (containerd) and ocicni (CRI-O) load, in that order of preference.
@@ -217,7 +217,12 @@ fn convert_single(file: &Loaded, entry: &PluginEntry) -> Result<ConfChange, Inst
     let to = file.path.with_extension("conflist");
     let mode = current_mode(&file.path)?;
     ensure_unchanged_since_read(file)?;
-    atomic::write_atomic(&to, conflist::render(&doc).as_bytes(), mode)?;
+    atomic::write_atomic(
+        &to,
+        conflist::render(&doc).as_bytes(),
+        mode,
+        Durability::Durable,
+    )?;
     atomic::remove_durably(&file.path)?;
     Ok(ConfChange::Converted {
         from: file.path.clone(),
@@ -236,7 +241,13 @@ fn write_if_unchanged_since_read(
     let target = resolve_symlink(target)?;
     let mode = current_mode(&target)?;
     ensure_unchanged_since_read(file)?;
-    atomic::write_atomic(&target, conflist::render(doc).as_bytes(), mode)
+    atomic::write_atomic(
+        &target,
+        conflist::render(doc).as_bytes(),
+        mode,
+        Durability::Durable,
+    )?;
+    Ok(())
 }
 
 fn ensure_unchanged_since_read(file: &Loaded) -> Result<(), InstallError> {

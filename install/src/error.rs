@@ -29,6 +29,16 @@ pub enum InstallError {
     Watch { path: PathBuf, msg: String },
 }
 
+/// A failed atomic write or removal is an I/O error on the file it names.
+impl From<node_setup::atomic::AtomicError> for InstallError {
+    fn from(e: node_setup::atomic::AtomicError) -> Self {
+        InstallError::Io {
+            path: e.path,
+            err: e.err,
+        }
+    }
+}
+
 impl InstallError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         InstallError::Io {

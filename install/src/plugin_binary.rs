@@ -64,7 +64,7 @@ pub fn check_binary(source: &Path, bin_dir: &Path) -> Result<Option<String>, Ins
 
 /// Removes the installed binary; a missing one is success.
 pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
-    atomic::remove_durably(&installed_path(bin_dir))
+    Ok(atomic::remove_durably(&installed_path(bin_dir))?)
 }
 
 /// Compares in chunks so memory stays flat whatever the binary's size. A missing or unreadable
@@ -110,7 +110,8 @@ fn install_new(source: &Path, target: &Path) -> Result<(), InstallError> {
     fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))
         .map_err(|e| InstallError::io(target, e))?;
     let staged = atomic::stage_copy(source, target, FileMode::new(0o755))?;
-    let proven = probe_version(&staged).and_then(|_| atomic::commit(&staged, target));
+    let proven = probe_version(&staged)
+        .and_then(|_| atomic::commit(&staged, target).map_err(InstallError::from));
     if proven.is_err() {
         let _ = fs::remove_file(&staged);
     }

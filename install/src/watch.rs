@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
 use crate::InstallError;
-use crate::atomic::TEMP_PREFIX;
+use crate::atomic;
 use crate::confdir::{self, ConfChange, EnsureOutcome};
 use crate::conflist::PluginEntry;
 use crate::plugin_binary::{self, BinaryOutcome};
@@ -141,7 +141,7 @@ pub fn watch_conf_dir(dir: &Path, wake: Sender<Wake>) -> Result<RecommendedWatch
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {
-            Ok(ev) => !ev.paths.iter().all(|p| is_our_temp_file(p)) || ev.paths.is_empty(),
+            Ok(ev) => !ev.paths.iter().all(|p| atomic::is_temp_file(p)) || ev.paths.is_empty(),
             // A watch error (e.g. queue overflow) means events may be lost: re-check.
             Err(_) => true,
         };
@@ -154,12 +154,6 @@ pub fn watch_conf_dir(dir: &Path, wake: Sender<Wake>) -> Result<RecommendedWatch
         .watch(dir, RecursiveMode::NonRecursive)
         .map_err(fail)?;
     Ok(watcher)
-}
-
-fn is_our_temp_file(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with(TEMP_PREFIX))
 }
 
 #[cfg(test)]
@@ -225,15 +219,5 @@ mod tests {
             wait_for_next_round(&rx, Duration::from_millis(1), Duration::from_secs(60)),
             Wake::ConfDirChanged
         );
-    }
-
-    #[test]
-    fn own_temp_files_are_recognised() {
-        assert!(is_our_temp_file(Path::new(
-            "/etc/cni/net.d/.node-local-dns-1-0.tmp"
-        )));
-        assert!(!is_our_temp_file(Path::new(
-            "/etc/cni/net.d/10-flannel.conflist"
-        )));
     }
 }

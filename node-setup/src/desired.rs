@@ -63,7 +63,7 @@ impl Rule {
         quoted.join(" ")
     }
 
-    /// PREROUTING rules must stay above every other rule (DESIGN.md §1): an ACCEPT above them
+    /// PREROUTING rules must stay above every other rule (docs/design.md §1): an ACCEPT above them
     /// would silently disable the cache.
     pub fn must_be_first(&self) -> bool {
         self.chain == PREROUTING
@@ -177,7 +177,7 @@ pub fn prerouting_rule(ip: IpAddr, proto: &str, socket_match: SocketMatch) -> Ru
 }
 
 /// `-s CLUSTER_IP -p PROTO --sport 53 -j NOTRACK`: the cache's replies create no conntrack
-/// entries that would later break the fallback path (DESIGN.md §1).
+/// entries that would later break the fallback path (docs/design.md §1).
 pub fn output_rule(ip: IpAddr, proto: &str) -> Rule {
     let comment = format!("{COMMENT_PREFIX} {proto} replies from {ip} are not tracked");
     let args = [

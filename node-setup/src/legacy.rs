@@ -6,74 +6,41 @@
 //! - `raw_table_stamp`: a hash of the raw table's exact content without counters, the
 //!   stand-in for the generation number legacy tables lack.
 
-/// linux/netfilter_ipv4/ip_tables.h
-const IPT_SO_GET_INFO: libc::c_int = 64;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
+
+use crate::sockopt;
+
+/// Why a legacy table could not be looked at. The callers then fall back to a full check.
+#[derive(Debug, thiserror::Error)]
+pub enum LegacyTableError {
+    #[error("table name {0:?} too long")]
+    NameTooLong(String),
+    #[error("legacy {0} table not loaded")]
+    NotLoaded(&'static str),
+    #[error("{call}: {err}")]
+    Kernel { call: String, err: std::io::Error },
+    #[error("malformed entry table: {0}")]
+    Malformed(&'static str),
+}
+
+fn kernel(call: impl Into<String>) -> impl FnOnce(std::io::Error) -> LegacyTableError {
+    move |err| LegacyTableError::Kernel {
+        call: call.into(),
+        err,
+    }
+}
+
+/// linux/netfilter_ipv4/ip_tables.h: GET_INFO, then GET_ENTRIES, on both families.
+const SO_GET_INFO: libc::c_int = 64;
+const SO_GET_ENTRIES: libc::c_int = 65;
 const XT_TABLE_MAXNAMELEN: usize = 32;
 const NF_INET_NUMHOOKS: usize = 5;
-
-/// struct ipt_getinfo
-#[repr(C)]
-struct IptGetinfo {
-    name: [u8; XT_TABLE_MAXNAMELEN],
-    valid_hooks: u32,
-    hook_entry: [u32; NF_INET_NUMHOOKS],
-    underflow: [u32; NF_INET_NUMHOOKS],
-    num_entries: u32,
-    size: u32,
-}
-
-/// "entries/size" of a legacy table of the calling thread's namespace.
-///
-/// Only call it for a table listed in ip_tables_names: asking for a table that is not loaded
-/// makes the kernel create it.
-pub fn table_info(table: &str) -> Result<String, String> {
-    if table.len() >= XT_TABLE_MAXNAMELEN {
-        return Err(format!("table name {table:?} too long"));
-    }
-    let mut info = IptGetinfo {
-        name: [0; XT_TABLE_MAXNAMELEN],
-        valid_hooks: 0,
-        hook_entry: [0; NF_INET_NUMHOOKS],
-        underflow: [0; NF_INET_NUMHOOKS],
-        num_entries: 0,
-        size: 0,
-    };
-    info.name[..table.len()].copy_from_slice(table.as_bytes());
-    // SAFETY: a plain socket call; the fd is closed below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_RAW,
-        )
-    };
-    if fd < 0 {
-        return Err(format!("raw socket: {}", std::io::Error::last_os_error()));
-    }
-    let mut len = std::mem::size_of::<IptGetinfo>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            IPT_SO_GET_INFO,
-            (&mut info as *mut IptGetinfo).cast(),
-            &mut len,
-        )
-    };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: fd is ours and still open.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return Err(format!("IPT_SO_GET_INFO {table}: {err}"));
-    }
-    Ok(format!("{}/{}", info.num_entries, info.size))
-}
-
-/// linux/netfilter_ipv{4,6}/ip{,6}_tables.h: GET_ENTRIES follows GET_INFO on both families.
-const SO_GET_ENTRIES: libc::c_int = 65;
-/// asm-generic/socket.h; not in the libc crate yet.
-const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `struct ipt_getinfo`: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
+const GETINFO_LEN: usize = XT_TABLE_MAXNAMELEN + 4 + 2 * 4 * NF_INET_NUMHOOKS + 4 + 4;
+const NUM_ENTRIES_AT: usize = GETINFO_LEN - 8;
+const SIZE_AT: usize = GETINFO_LEN - 4;
 /// `struct ip{,6}t_get_entries`: name[32], size, then the 8-aligned entry table.
 const GET_ENTRIES_HEADER: usize = 40;
 
@@ -95,29 +62,57 @@ const IPV6_ENTRY: EntryLayout = EntryLayout {
 };
 const COUNTERS_LEN: usize = 16;
 
-/// An owned socket fd, closed on drop.
-struct Fd(libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the fd is ours and open.
-        unsafe { libc::close(self.0) };
-    }
+fn raw_socket(family: AddressFamily) -> Result<OwnedFd, LegacyTableError> {
+    socket(
+        family,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Raw,
+    )
+    .map_err(|e| kernel("raw socket")(e.into()))
 }
 
-fn getsockopt_into(
-    fd: &Fd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    buf: &mut [u8],
-) -> Result<usize, String> {
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `buf`, which is that large.
-    let rc = unsafe { libc::getsockopt(fd.0, level, opt, buf.as_mut_ptr().cast(), &mut len) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
+/// A GET_INFO request for `table`: the name, NUL-padded; the kernel fills in the rest.
+fn info_request(table: &str) -> Result<[u8; GETINFO_LEN], LegacyTableError> {
+    if table.len() >= XT_TABLE_MAXNAMELEN {
+        return Err(LegacyTableError::NameTooLong(table.to_string()));
     }
-    Ok(len as usize)
+    let mut info = [0u8; GETINFO_LEN];
+    info[..table.len()].copy_from_slice(table.as_bytes());
+    Ok(info)
+}
+
+/// A table's `struct ipt_getinfo` as bytes.
+fn get_info(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    mut info: [u8; GETINFO_LEN],
+) -> Result<[u8; GETINFO_LEN], LegacyTableError> {
+    sockopt::get_into(fd.as_fd(), level, SO_GET_INFO, &mut info).map_err(kernel("GET_INFO"))?;
+    Ok(info)
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Result<u32, LegacyTableError> {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .ok_or(LegacyTableError::Malformed("short GET_INFO reply"))
+}
+
+/// "entries/size" of a legacy table of the calling thread's namespace.
+///
+/// Only call it for a table listed in ip_tables_names: asking for a table that is not loaded
+/// makes the kernel create it.
+pub fn table_info(table: &str) -> Result<String, LegacyTableError> {
+    let request = info_request(table)?;
+    let fd = raw_socket(AddressFamily::Inet)?;
+    let info = get_info(&fd, libc::IPPROTO_IP, request)?;
+    Ok(format!(
+        "{}/{}",
+        u32_at(&info, NUM_ENTRIES_AT)?,
+        u32_at(&info, SIZE_AT)?
+    ))
 }
 
 /// A stamp of the legacy raw table's content (rules, chains, hooks; not the counters, which
@@ -126,64 +121,52 @@ fn getsockopt_into(
 /// two getsockopt calls instead of starting `iptables-legacy-save`.
 ///
 /// Only call it when `raw` is listed as loaded: asking for a missing table creates it.
-pub fn raw_table_stamp(v6: bool) -> Result<String, String> {
-    let (domain, level, layout) = if v6 {
-        (libc::AF_INET6, libc::IPPROTO_IPV6, &IPV6_ENTRY)
+pub fn raw_table_stamp(v6: bool) -> Result<String, LegacyTableError> {
+    let (family, level, layout) = if v6 {
+        (AddressFamily::Inet6, libc::IPPROTO_IPV6, &IPV6_ENTRY)
     } else {
-        (libc::AF_INET, libc::IPPROTO_IP, &IPV4_ENTRY)
+        (AddressFamily::Inet, libc::IPPROTO_IP, &IPV4_ENTRY)
     };
-    // SAFETY: a plain socket call; Fd closes it.
-    let raw = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_RAW,
-        )
-    };
-    if raw < 0 {
-        return Err(format!("raw socket: {}", std::io::Error::last_os_error()));
-    }
-    let fd = Fd(raw);
-    let mut info = [0u8; std::mem::size_of::<IptGetinfo>()];
-    info[..3].copy_from_slice(b"raw");
-    getsockopt_into(&fd, level, IPT_SO_GET_INFO, &mut info)
-        .map_err(|e| format!("GET_INFO raw: {e}"))?;
-    let size_at = info.len() - 4;
-    let size = u32::from_ne_bytes(info[size_at..].try_into().map_err(|_| "short info")?) as usize;
+    let request = info_request("raw")?;
+    let fd = raw_socket(family)?;
+    let info = get_info(&fd, level, request)?;
+    let size = u32_at(&info, SIZE_AT)? as usize;
     let mut buf = vec![0u8; GET_ENTRIES_HEADER + size];
     buf[..3].copy_from_slice(b"raw");
     buf[32..36].copy_from_slice(&(size as u32).to_ne_bytes());
     // EAGAIN when the table changed size in between: no stamp, the caller checks in full.
-    getsockopt_into(&fd, level, SO_GET_ENTRIES, &mut buf)
-        .map_err(|e| format!("GET_ENTRIES raw: {e}"))?;
+    sockopt::get_into(fd.as_fd(), level, SO_GET_ENTRIES, &mut buf)
+        .map_err(kernel("GET_ENTRIES raw"))?;
     let entries = &mut buf[GET_ENTRIES_HEADER..];
     zero_counters(entries, layout)?;
-    let mut cookie = [0u8; 8];
-    getsockopt_into(&fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie)
-        .map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
-    // Hooks and underflows (info minus the name) say where each chain starts.
-    let hooks = &info[32..size_at];
+    let cookie = sockopt::netns_cookie(fd.as_fd()).map_err(kernel("SO_NETNS_COOKIE"))?;
+    // Hooks and underflows (GET_INFO between the name and the size) say where each chain
+    // starts.
+    let hooks = &info[XT_TABLE_MAXNAMELEN..SIZE_AT];
     Ok(format!(
-        "{}:{:016x}{:016x}",
-        u64::from_ne_bytes(cookie),
+        "{cookie}:{:016x}{:016x}",
         fnv1a(hooks),
         fnv1a(entries)
     ))
 }
 
-fn zero_counters(entries: &mut [u8], layout: &EntryLayout) -> Result<(), String> {
+fn zero_counters(entries: &mut [u8], layout: &EntryLayout) -> Result<(), LegacyTableError> {
+    let truncated = LegacyTableError::Malformed("truncated entry");
     let mut at = 0;
     while at < entries.len() {
-        let next = entries
-            .get(at + layout.next_offset_at..at + layout.next_offset_at + 2)
-            .ok_or("truncated entry")?;
+        let Some(next) = entries.get(at + layout.next_offset_at..at + layout.next_offset_at + 2)
+        else {
+            return Err(truncated);
+        };
         let next = usize::from(u16::from_ne_bytes([next[0], next[1]]));
-        let counters = entries
-            .get_mut(at + layout.counters_at..at + layout.counters_at + COUNTERS_LEN)
-            .ok_or("truncated entry")?;
+        let Some(counters) =
+            entries.get_mut(at + layout.counters_at..at + layout.counters_at + COUNTERS_LEN)
+        else {
+            return Err(truncated);
+        };
         counters.fill(0);
         if next == 0 {
-            return Err("entry with next_offset 0".into());
+            return Err(LegacyTableError::Malformed("entry with next_offset 0"));
         }
         at += next;
     }
@@ -199,9 +182,46 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn getinfo_struct_has_the_kernel_size() {
+    fn getinfo_has_the_kernel_size() {
         // 32 name + 4 valid_hooks + 5*4 hook_entry + 5*4 underflow + 4 + 4.
-        assert_eq!(std::mem::size_of::<super::IptGetinfo>(), 84);
+        assert_eq!(GETINFO_LEN, 84);
+        assert_eq!((NUM_ENTRIES_AT, SIZE_AT), (76, 80));
+    }
+
+    #[test]
+    fn counters_are_zeroed_and_bad_tables_are_refused() {
+        let layout = EntryLayout {
+            next_offset_at: 0,
+            counters_at: 2,
+        };
+        // Two 20-byte entries: next_offset 20, then 16 bytes of counters, then padding.
+        let mut entries = vec![0xffu8; 40];
+        for at in [0, 20] {
+            entries[at..at + 2].copy_from_slice(&20u16.to_ne_bytes());
+        }
+        zero_counters(&mut entries, &layout).unwrap();
+        assert!(entries[2..18].iter().all(|b| *b == 0));
+        assert!(entries[22..38].iter().all(|b| *b == 0));
+        assert_eq!(entries[18], 0xff, "bytes after the counters stay");
+        let mut zero_next = vec![0u8; 20];
+        assert!(matches!(
+            zero_counters(&mut zero_next, &layout),
+            Err(LegacyTableError::Malformed(_))
+        ));
+        let mut short = 20u16.to_ne_bytes().to_vec();
+        assert!(zero_counters(&mut short, &layout).is_err());
+    }
+
+    #[test]
+    fn long_table_names_are_refused_before_any_kernel_call() {
+        let name = "t".repeat(XT_TABLE_MAXNAMELEN);
+        assert!(matches!(
+            table_info(&name),
+            Err(LegacyTableError::NameTooLong(n)) if n == name
+        ));
+        assert_eq!(&info_request("nat").unwrap()[..4], b"nat\0");
     }
 }

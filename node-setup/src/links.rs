@@ -35,7 +35,8 @@ impl NetState {
         self.links.iter().find(|l| l.name == name)
     }
 
-    /// An address already on any interface is not added again (issue 3).
+    /// An address already on any interface (an operator's, an older install's) is not added
+    /// again.
     pub fn has_address(&self, ip: IpAddr) -> bool {
         self.addresses.iter().any(|(_, a)| *a == ip)
     }
@@ -52,7 +53,7 @@ pub enum AddLinkError {
 }
 
 /// Link kinds tried in order. `dummy` is the real-node kind; this kernel (and CI) lack it, and a
-/// port-less bridge delivers locally just as well, link up or down (DESIGN.md §1).
+/// port-less bridge delivers locally just as well, link up or down (docs/design.md §1).
 pub const LINK_KINDS: [&str; 2] = ["dummy", "bridge"];
 
 pub trait Links {
@@ -87,14 +88,14 @@ pub fn create_link(links: &dyn Links, name: &str) -> Result<Option<String>, Setu
             Err(AddLinkError::Exists) => return Ok(None),
             Err(AddLinkError::Unsupported) => continue,
             Err(AddLinkError::Other(msg)) => {
-                return Err(SetupError::Interface {
+                return Err(SetupError::AddInterface {
                     name: name.to_string(),
                     msg: format!("add {kind}: {msg}"),
                 });
             }
         }
     }
-    Err(SetupError::Interface {
+    Err(SetupError::AddInterface {
         name: name.to_string(),
         msg: format!("kernel supports none of {LINK_KINDS:?}"),
     })
@@ -123,13 +124,22 @@ impl Netlink {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(|e| SetupError::Netlink(format!("runtime: {e}")))?;
+            .map_err(netlink_failed("runtime"))?;
         let (conn, handle, _) = {
             let _guard = rt.enter();
-            rtnetlink::new_connection().map_err(|e| SetupError::Netlink(format!("socket: {e}")))?
+            rtnetlink::new_connection().map_err(netlink_failed("socket"))?
         };
         rt.spawn(conn);
         Ok(Netlink { rt, handle })
+    }
+}
+
+fn netlink_failed<E: std::fmt::Display>(
+    request: impl Into<String>,
+) -> impl FnOnce(E) -> SetupError {
+    move |e| SetupError::NetlinkRequest {
+        request: request.into(),
+        msg: e.to_string(),
     }
 }
 
@@ -191,16 +201,15 @@ impl Links for Netlink {
             {
                 Ok(links) => links,
                 Err(e) if errno(&e) == Some(libc::ENODEV) => Vec::new(),
-                Err(e) => return Err(SetupError::Netlink(format!("get link {name}: {e}"))),
+                Err(e) => return Err(netlink_failed(format!("get link {name}"))(e)),
             };
-            let addrs: Vec<AddressMessage> =
-                handle
-                    .address()
-                    .get()
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(|e| SetupError::Netlink(format!("address dump: {e}")))?;
+            let addrs: Vec<AddressMessage> = handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink_failed("address dump"))?;
             Ok(NetState {
                 links: links.iter().map(link_from_message).collect(),
                 addresses: addrs.iter().filter_map(address_from_message).collect(),
@@ -236,7 +245,7 @@ impl Links for Netlink {
         let res = self.rt.block_on(async move {
             let mut req = handle.address().add(index, addr.ip, addr.prefix);
             // Without NODAD an IPv6 address stays tentative (forever without carrier) and
-            // bind() fails (DESIGN.md §1).
+            // bind() fails (docs/design.md §1).
             let msg = req.message_mut();
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes
@@ -246,7 +255,7 @@ impl Links for Netlink {
         match res {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
-            Err(e) => Err(SetupError::Address {
+            Err(e) => Err(SetupError::AddAddress {
                 addr: addr.ip,
                 msg: e.to_string(),
             }),
@@ -261,7 +270,7 @@ impl Links for Netlink {
         match res {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
-            Err(e) => Err(SetupError::Netlink(format!("delete link {index}: {e}"))),
+            Err(e) => Err(netlink_failed(format!("delete link {index}"))(e)),
         }
     }
 }

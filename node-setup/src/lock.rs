@@ -11,6 +11,19 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::SetupError;
 
+/// Where the lock lives and how long to wait for it.
+#[derive(Debug, Clone, Copy)]
+pub struct LockSpec<'a> {
+    pub path: &'a Path,
+    pub timeout: Duration,
+}
+
+impl LockSpec<'_> {
+    pub fn acquire(&self) -> Result<LockGuard, SetupError> {
+        acquire(self.path, self.timeout)
+    }
+}
+
 /// Held until dropped.
 pub struct LockGuard {
     _flock: Flock<File>,
@@ -20,7 +33,7 @@ const POLL: Duration = Duration::from_millis(5);
 
 /// Takes an exclusive flock on `path` (created with its directory), waiting at most `timeout`.
 pub fn acquire(path: &Path, timeout: Duration) -> Result<LockGuard, SetupError> {
-    let err = |msg: String| SetupError::Lock {
+    let err = |msg: String| SetupError::AcquireLock {
         path: path.to_path_buf(),
         msg,
     };
@@ -63,7 +76,7 @@ mod tests {
         let first = acquire(&path, Duration::from_millis(10)).unwrap();
         let second = acquire(&path, Duration::from_millis(20));
         assert!(
-            matches!(second, Err(SetupError::Lock { .. })),
+            matches!(second, Err(SetupError::AcquireLock { .. })),
             "{:?}",
             second.err()
         );

@@ -7,9 +7,11 @@
 //! cookie (unique per boot, never reused) is part of the stamp, so a stamp from another or a
 //! recreated namespace never matches.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+
+use crate::sockopt;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETGEN: u16 = 16;
@@ -17,44 +19,40 @@ const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_ID: u16 = 1;
 const NLM_F_REQUEST: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
-/// asm-generic/socket.h; not in the libc crate yet.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 
-/// "<netns cookie>:<generation>", or an error text when nftables cannot be asked.
-pub fn stamp() -> Result<String, String> {
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| format!("socket: {e}"))?;
-    socket.bind_auto().map_err(|e| format!("bind: {e}"))?;
-    let cookie = netns_cookie(&socket)?;
-    socket
-        .send(&getgen_request(1), 0)
-        .map_err(|e| format!("send: {e}"))?;
-    let (reply, _) = socket.recv_from_full().map_err(|e| format!("recv: {e}"))?;
-    let generation = parse_newgen(&reply)?;
-    Ok(format!("{cookie}:{generation}"))
+/// Why the generation could not be read. The callers then fall back to a full check.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error("netlink {step}: {err}")]
+    Socket {
+        step: &'static str,
+        err: std::io::Error,
+    },
+    #[error("nftables answered with an error")]
+    ErrorReply,
+    #[error("unexpected reply type {0:#x}")]
+    UnexpectedReply(u16),
+    #[error("malformed reply: {0}")]
+    Malformed(&'static str),
 }
 
-fn netns_cookie(socket: &Socket) -> Result<u64, String> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "SO_NETNS_COOKIE: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(cookie)
+fn socket_step(step: &'static str) -> impl FnOnce(std::io::Error) -> GenerationError {
+    move |err| GenerationError::Socket { step, err }
+}
+
+/// "<netns cookie>:<generation>" of the calling thread's network namespace.
+pub fn stamp() -> Result<String, GenerationError> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(socket_step("socket"))?;
+    socket.bind_auto().map_err(socket_step("bind"))?;
+    let cookie = sockopt::netns_cookie(socket.as_fd()).map_err(socket_step("SO_NETNS_COOKIE"))?;
+    socket
+        .send(&getgen_request(1), 0)
+        .map_err(socket_step("send"))?;
+    let (reply, _) = socket.recv_from_full().map_err(socket_step("recv"))?;
+    let generation = parse_newgen(&reply)?;
+    Ok(format!("{cookie}:{generation}"))
 }
 
 /// nlmsghdr + nfgenmsg asking for the generation.
@@ -76,13 +74,13 @@ fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
 }
 
 /// Reads NFTA_GEN_ID out of an NFT_MSG_NEWGEN reply.
-pub fn parse_newgen(reply: &[u8]) -> Result<u32, String> {
-    let msg_type = u16_at(reply, 4).ok_or("short reply")?;
+pub fn parse_newgen(reply: &[u8]) -> Result<u32, GenerationError> {
+    let msg_type = u16_at(reply, 4).ok_or(GenerationError::Malformed("short reply"))?;
     if msg_type == NLMSG_ERROR {
-        return Err("nftables answered with an error".into());
+        return Err(GenerationError::ErrorReply);
     }
     if msg_type != ((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN) {
-        return Err(format!("unexpected reply type {msg_type:#x}"));
+        return Err(GenerationError::UnexpectedReply(msg_type));
     }
     let mut at = NLMSG_HDRLEN + NFGENMSG_LEN;
     while let (Some(len), Some(kind)) = (u16_at(reply, at), u16_at(reply, at + 2)) {
@@ -91,15 +89,16 @@ pub fn parse_newgen(reply: &[u8]) -> Result<u32, String> {
             break;
         }
         if kind & 0x3fff == NFTA_GEN_ID {
-            let value = reply.get(at + 4..at + 8).ok_or("short NFTA_GEN_ID")?;
             // Netfilter attributes are big-endian.
-            return Ok(u32::from_be_bytes(
-                value.try_into().map_err(|_| "bad NFTA_GEN_ID")?,
-            ));
+            return reply
+                .get(at + 4..at + 8)
+                .and_then(|v| v.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or(GenerationError::Malformed("short NFTA_GEN_ID"));
         }
         at += (len + 3) & !3;
     }
-    Err("no NFTA_GEN_ID in reply".into())
+    Err(GenerationError::Malformed("no NFTA_GEN_ID in reply"))
 }
 
 #[cfg(test)]
@@ -114,10 +113,21 @@ mod tests {
         reply.extend_from_slice(&8u16.to_ne_bytes());
         reply.extend_from_slice(&NFTA_GEN_ID.to_ne_bytes());
         reply.extend_from_slice(&[1, 2, 3, 4]);
-        assert_eq!(parse_newgen(&reply), Ok(0x0102_0304));
+        assert_eq!(parse_newgen(&reply).unwrap(), 0x0102_0304);
         let mut err = getgen_request(7);
         err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        assert!(parse_newgen(&err).is_err());
-        assert!(parse_newgen(&[0, 1]).is_err());
+        assert!(matches!(
+            parse_newgen(&err),
+            Err(GenerationError::ErrorReply)
+        ));
+        assert!(matches!(
+            parse_newgen(&[0, 1]),
+            Err(GenerationError::Malformed(_))
+        ));
+        let getgen = getgen_request(7);
+        assert!(matches!(
+            parse_newgen(&getgen),
+            Err(GenerationError::UnexpectedReply(_))
+        ));
     }
 }

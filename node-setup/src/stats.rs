@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::SetupError;
+use crate::atomic::AtomicError;
+
 /// One plugin invocation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event<'a> {
@@ -36,6 +39,10 @@ pub enum StatsError {
     },
     #[error("stats file {path}: {msg}")]
     Corrupt { path: String, msg: String },
+    #[error("stats file {0}")]
+    Lock(SetupError),
+    #[error("stats file {0}")]
+    Write(AtomicError),
 }
 
 /// The counters file inside the stats directory.
@@ -75,10 +82,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StatsError + '_ {
 pub fn record(dir: &Path, event: &Event<'_>) -> Result<(), StatsError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let lock_path = dir.join(LOCK_FILE);
-    let _lock = crate::lock::acquire(&lock_path, LOCK_TIMEOUT).map_err(|e| StatsError::Io {
-        path: lock_path.display().to_string(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let _lock = crate::lock::acquire(&lock_path, LOCK_TIMEOUT).map_err(StatsError::Lock)?;
     let path = dir.join(STATS_FILE);
     let mut stats = match load(dir) {
         Ok(stats) => stats,
@@ -94,17 +98,13 @@ pub fn record(dir: &Path, event: &Event<'_>) -> Result<(), StatsError> {
     write_atomically(&path, &stats)
 }
 
+/// Readers never see a torn file; see `state` for why there is no fsync.
 fn write_atomically(path: &Path, stats: &CniStats) -> Result<(), StatsError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let body = serde_json::to_vec(stats).map_err(|e| StatsError::Corrupt {
         path: path.display().to_string(),
         msg: e.to_string(),
     })?;
-    // No fsync: the rename alone keeps readers from seeing a torn file, and the counters live
-    // on tmpfs and restart at reboot anyway. An fsync on a disk-backed /run cost milliseconds
-    // on every pod ADD (measured on the fast path).
-    std::fs::write(&tmp, &body).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    crate::state::write(path, &body).map_err(StatsError::Write)
 }
 
 /// Reads the counters in `dir`; a missing file is all zeros.

@@ -218,7 +218,7 @@ fn ipv6_cluster_ip_is_usable_at_once_nft() {
 }
 
 #[test]
-fn nowildcard_option_programs_the_seed_form() {
+fn nowildcard_option_programs_the_deckhouse_form() {
     in_new_netns(|| {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(IptablesBackend::Nft, &[CLUSTER_V4], &dir);

@@ -4,10 +4,12 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
-use crate::desired::{Address, Family, output_rule, prerouting_rule};
-use crate::links::{AddLinkError, Link, NetState};
+use crate::SocketMatch;
+use crate::desired::{Address, output_rule, prerouting_rule};
+use crate::links::{AddLinkError, Link};
 
 struct FakeLinks {
     has_dummy: bool,
@@ -427,48 +429,4 @@ fn teardown_removes_our_rules_and_interface_only() {
     assert_eq!(table.chain(Family::V4, "PREROUTING"), vec!["-j ACCEPT"]);
     assert!(table.chain(Family::V4, "OUTPUT").is_empty());
     assert!(links.state.borrow().link("nodelocaldns").is_none());
-}
-
-#[test]
-fn backend_heuristic_prefers_more_kube_chains_and_nft_on_tie() {
-    use crate::rules::{Backend, count_kube_chains, pick_backend};
-    let save = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n";
-    assert_eq!(count_kube_chains(save), 2);
-    assert_eq!(pick_backend(2, 0), Backend::Legacy);
-    assert_eq!(pick_backend(0, 2), Backend::Nft);
-    assert_eq!(pick_backend(3, 3), Backend::Nft);
-    use crate::rules::legacy_may_have_kube_chains;
-    assert!(!legacy_may_have_kube_chains(""));
-    assert!(!legacy_may_have_kube_chains("raw\nfilter\n"));
-    assert!(legacy_may_have_kube_chains("raw\nmangle\n"));
-    assert!(legacy_may_have_kube_chains("nat\n"));
-}
-
-#[test]
-fn invalid_config_is_rejected_with_a_clear_error() {
-    let mut c = cfg(&[CLUSTER]);
-    c.interface = "a-name-longer-than-15".into();
-    assert_eq!(c.validate().unwrap_err().kind(), "config");
-    assert!(cfg(&[]).validate().is_err());
-}
-
-#[test]
-fn settings_parse_from_the_names_they_print_as_and_nothing_else() {
-    for b in [
-        IptablesBackend::Auto,
-        IptablesBackend::Legacy,
-        IptablesBackend::Nft,
-    ] {
-        assert_eq!(b.as_str().parse::<IptablesBackend>(), Ok(b));
-        assert!(<IptablesBackend as Setting>::NAMES.contains(&b.as_str()));
-    }
-    for m in [SocketMatch::Safe, SocketMatch::NoWildcard] {
-        assert_eq!(m.to_string().parse::<SocketMatch>(), Ok(m));
-    }
-    let err = "NoWildcard".parse::<SocketMatch>().unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        r#""NoWildcard" is not one of "safe", "nowildcard""#
-    );
-    assert!("".parse::<IptablesBackend>().is_err());
 }

@@ -28,7 +28,7 @@ mod error;
 pub mod legacy;
 pub mod links;
 mod lock;
-pub mod nftgen;
+mod nftgen;
 mod reconcile;
 pub mod rules;
 mod setting;

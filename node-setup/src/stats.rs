@@ -32,11 +32,9 @@ pub struct CniStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
-    #[error("stats file {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // The io::Error is part of the message, not a `source`, so it is printed once.
+    #[error("stats file {path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("stats file {path}: {msg}")]
     Corrupt { path: String, msg: String },
     #[error("stats file {0}")]
@@ -68,9 +66,9 @@ impl CniStats {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StatsError + '_ {
-    move |source| StatsError::Io {
+    move |err| StatsError::Io {
         path: path.display().to_string(),
-        source,
+        err,
     }
 }
 

@@ -6,25 +6,19 @@ use std::ffi::OsString;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Command, Parser};
 
-use crate::env::{Env, ProcessEnv};
-
 /// `T::parse()`, with errors about a value from the environment naming the variable.
 pub fn parse<T: Parser>() -> T {
     let argv: Vec<OsString> = std::env::args_os().collect();
     match T::try_parse_from(&argv) {
         Ok(parsed) => parsed,
-        Err(e) => name_env_source(e, &T::command(), &argv, &ProcessEnv).exit(),
+        Err(e) => name_env_source(e, &T::command(), &argv).exit(),
     }
 }
 
-/// When `err` is about a bad value of a flag that is absent from `argv` but whose variable is
-/// set, a one-line error naming the variable, the value and what was expected; else `err`.
-pub fn name_env_source(
-    err: clap::Error,
-    cmd: &Command,
-    argv: &[OsString],
-    env: &dyn Env,
-) -> clap::Error {
+/// When `err` is about a bad value of a flag that is absent from `argv` (so the value came
+/// from its variable: defaults are valid), a one-line error naming the variable, the value and
+/// what was expected; else `err`.
+pub fn name_env_source(err: clap::Error, cmd: &Command, argv: &[OsString]) -> clap::Error {
     if !matches!(
         err.kind(),
         ErrorKind::ValueValidation | ErrorKind::InvalidValue
@@ -50,8 +44,9 @@ pub fn name_env_source(
                 .is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
         })
     });
-    let Some(value) = env.var(&variable) else {
-        return err;
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
     };
     if on_command_line {
         return err;
@@ -85,7 +80,6 @@ fn reason(err: &clap::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::MapEnv;
     use clap::CommandFactory;
 
     #[derive(Debug, Parser)]
@@ -96,23 +90,22 @@ mod tests {
         mode: Option<String>,
     }
 
-    fn error_for(argv: &[&str], env: &[(&str, &str)]) -> String {
+    /// clap reads the process environment, which a test must not change: the value is
+    /// passed on the command line and the error judged against an argv without it, as if
+    /// it had come from the variable.
+    fn error_for(argv: &[&str]) -> String {
         let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
-        // clap reads the process environment; the test passes the value on the command
-        // line instead and shows the variable through the map, as if it came from there.
         let err = Cli::try_parse_from(&argv).unwrap_err();
-        let env = MapEnv::new(env.iter().copied());
-        let without_flag: Vec<OsString> = argv.iter().take(1).cloned().collect();
-        name_env_source(err, &Cli::command(), &without_flag, &env).to_string()
+        name_env_source(err, &Cli::command(), &argv[..1]).to_string()
     }
 
     #[test]
     fn a_bad_value_from_the_environment_names_the_variable() {
-        let err = error_for(&["x", "--count", "0"], &[("TEST_CLI_COUNT", "0")]);
+        let err = error_for(&["x", "--count", "0"]);
         assert!(err.contains("TEST_CLI_COUNT \"0\": "), "{err}");
         assert!(!err.contains("--count"), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-        let err = error_for(&["x", "--mode", "c"], &[("TEST_CLI_MODE", "c")]);
+        let err = error_for(&["x", "--mode", "c"]);
         assert!(
             err.contains("TEST_CLI_MODE \"c\": expected one of a, b"),
             "{err}"
@@ -123,12 +116,11 @@ mod tests {
     fn a_bad_value_on_the_command_line_keeps_claps_message() {
         let argv: Vec<OsString> = ["x", "--count=0"].iter().map(OsString::from).collect();
         let err = Cli::try_parse_from(&argv).unwrap_err();
-        let env = MapEnv::new([("TEST_CLI_COUNT", "0")]);
-        let text = name_env_source(err, &Cli::command(), &argv, &env).to_string();
+        let text = name_env_source(err, &Cli::command(), &argv).to_string();
         assert!(text.contains("--count"), "{text}");
         // Not a value error at all: unchanged.
         let err = Cli::try_parse_from(["x", "--nope"]).unwrap_err();
-        let text = name_env_source(err, &Cli::command(), &[], &env).to_string();
+        let text = name_env_source(err, &Cli::command(), &[]).to_string();
         assert!(text.contains("--nope"), "{text}");
     }
 }

@@ -42,7 +42,7 @@ pub fn init_logging(format: LogFormat) {
 /// subscriber exists it is one plain line on stderr.
 pub fn log_fatal(error: &dyn std::fmt::Display) {
     if tracing::dispatcher::has_been_set() {
-        tracing::error!("{error}");
+        tracing::error!(target: "exit", "{error}");
     } else {
         eprintln!("error: {error}");
     }

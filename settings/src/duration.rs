@@ -55,19 +55,14 @@ fn nanos_to_duration(nanos: u128) -> Option<Duration> {
     Some(Duration::new(secs, sub))
 }
 
-/// Writes a duration in the same grammar (largest exact unit), for messages and defaults.
+/// Writes a duration in the same grammar, for messages: whole seconds as seconds (`60s`, as
+/// flags are usually written, not `1m`), else the largest exact smaller unit.
 pub fn format_duration(d: Duration) -> String {
     let nanos = d.as_nanos();
     if nanos == 0 {
         return "0s".to_string();
     }
-    for (unit, per) in [
-        ("h", 3_600_000_000_000u128),
-        ("m", 60_000_000_000),
-        ("s", 1_000_000_000),
-        ("ms", 1_000_000),
-        ("us", 1_000),
-    ] {
+    for (unit, per) in [("s", 1_000_000_000u128), ("ms", 1_000_000), ("us", 1_000)] {
         if nanos.is_multiple_of(per) {
             return format!("{}{unit}", nanos / per);
         }
@@ -133,6 +128,7 @@ mod tests {
             assert_eq!(ok(&format_duration(d)), d, "{}", format_duration(d));
         }
         assert_eq!(format_duration(Duration::from_secs(10)), "10s");
-        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "3600s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

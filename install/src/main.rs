@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use settings::logging::{LogFormat, init_logging, log_fatal};
 use settings::node::NodeArgs;
-use settings::{ProcessEnv, cluster_dns, parse_duration};
+use settings::{ProcessEnv, SettingsError, cluster_dns, parse_duration};
 
 use node_local_dns_install::conflist::PluginEntry;
 use node_local_dns_install::watch::{self, InstallConfig, Wake};
@@ -172,6 +172,7 @@ fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
 }
 
 fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
+    check_intervals(&args)?;
     let found = cluster_dns::require(
         &args.node.cluster_dns,
         &ProcessEnv,
@@ -189,6 +190,19 @@ fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
         debounce: args.debounce,
         retry: args.retry_interval,
     })
+}
+
+/// A zero interval would make the watch loop spin (a round, then at once the next).
+fn check_intervals(args: &InstallArgs) -> Result<(), SettingsError> {
+    for (name, interval) in [
+        ("--resync-interval", args.resync_interval),
+        ("--retry-interval", args.retry_interval),
+    ] {
+        if interval.is_zero() {
+            return Err(SettingsError::bound(name, "0s", "above 0"));
+        }
+    }
+    Ok(())
 }
 
 /// A thread that turns SIGTERM/SIGINT into `Wake::Stop`.
@@ -271,5 +285,19 @@ mod tests {
         };
         assert_eq!(args.resync_interval, Duration::from_secs(90));
         assert_eq!(args.debounce, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn zero_intervals_are_refused_naming_the_flag() {
+        for flag in ["--resync-interval", "--retry-interval"] {
+            let cli =
+                Cli::try_parse_from(["node-local-dns-install", "install", flag, "0"]).unwrap();
+            let Command::Install(args) = cli.command else {
+                panic!("install");
+            };
+            let err = check_intervals(&args).unwrap_err();
+            assert_eq!(err.name(), Some(flag));
+            assert_eq!(err.to_string(), format!("{flag} 0s: must be above 0"));
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use settings::duration::format_duration;
 use settings::logging::{LogFormat, init_logging, log_fatal};
 use settings::node::NodeArgs;
 use settings::{ProcessEnv, SettingsError, cluster_dns, parse_duration};
@@ -192,7 +193,9 @@ fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
     })
 }
 
-/// A zero interval would make the watch loop spin (a round, then at once the next).
+/// A zero interval would make the watch loop spin (a round, then at once the next); a
+/// debounce longer than the resync interval would hold a change back past the next full
+/// round it is meant to come before.
 fn check_intervals(args: &InstallArgs) -> Result<(), SettingsError> {
     for (name, interval) in [
         ("--resync-interval", args.resync_interval),
@@ -201,6 +204,16 @@ fn check_intervals(args: &InstallArgs) -> Result<(), SettingsError> {
         if interval.is_zero() {
             return Err(SettingsError::bound(name, "0s", "above 0"));
         }
+    }
+    if args.debounce > args.resync_interval {
+        return Err(SettingsError::bound(
+            "--debounce",
+            format_duration(args.debounce),
+            format!(
+                "at most --resync-interval ({})",
+                format_duration(args.resync_interval)
+            ),
+        ));
     }
     Ok(())
 }
@@ -299,5 +312,22 @@ mod tests {
             assert_eq!(err.name(), Some(flag));
             assert_eq!(err.to_string(), format!("{flag} 0s: must be above 0"));
         }
+        let cli = Cli::try_parse_from([
+            "node-local-dns-install",
+            "install",
+            "--debounce",
+            "2m",
+            "--resync-interval",
+            "60s",
+        ])
+        .unwrap();
+        let Command::Install(args) = cli.command else {
+            panic!("install");
+        };
+        let err = check_intervals(&args).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--debounce 120s: must be at most --resync-interval (60s)"
+        );
     }
 }

@@ -192,6 +192,22 @@ fn a_refused_start_is_logged_in_the_chosen_format() {
     assert_eq!(line["level"], "ERROR");
     let message = line["fields"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--tcp-idle-timeout 60s"), "{message}");
+
+    // A value the command line parser refuses, as from a ConfigMap: JSON too.
+    let err = refused_start(
+        &LOOPBACK,
+        &[
+            ("NODE_LOCAL_DNS_LOG_FORMAT", "json"),
+            ("NODE_LOCAL_DNS_THREADS", "0"),
+        ],
+    );
+    let line: serde_json::Value = serde_json::from_str(err.trim_end())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {err}"));
+    let message = line["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("NODE_LOCAL_DNS_THREADS \"0\""),
+        "{message}"
+    );
 }
 
 #[test]

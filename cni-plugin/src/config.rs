@@ -1,47 +1,23 @@
-//! The plugin's entry in the conflist, parsed and checked up front (unknown keys are accepted:
-//! runtimes add `name`, `runtimeConfig`, `prevResult`, and newer versions add more).
+//! The plugin's stdin parsed and checked up front: the CNI envelope here, our entry's keys by
+//! `settings::entry::PluginEntry`, the type the installer writes them with (unknown keys are
+//! accepted: runtimes add `name`, `runtimeConfig`, and newer versions add more).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use node_setup::NodeConfig;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use settings::entry::PluginEntry;
+pub use settings::entry::{DEFAULT_LOG_FILE, FailurePolicy};
 
 use crate::error::{CniError, DECODE_FAILURE, INVALID_CONFIG};
 
-pub const DEFAULT_LOG_FILE: &str = "/var/log/node-local-dns-cni.log";
-
-/// What to do when node setup fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FailurePolicy {
-    /// Log and count the failure; the pod still starts (kube-proxy's path still works).
-    #[default]
-    Open,
-    /// Fail the ADD with code 11 so the runtime retries.
-    Closed,
-}
-
-/// The conflist entry as it arrives on stdin (camelCase keys, all optional here so that
-/// missing or mistyped values get our own error messages).
+/// The keys of the CNI envelope around our entry.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawConfig<'a> {
+struct Envelope<'a> {
     cni_version: Option<String>,
-    #[serde(rename = "clusterDNS")]
-    cluster_dns: Option<Vec<String>>,
-    #[serde(rename = "localIPs")]
-    local_ips: Option<Vec<String>>,
-    interface: Option<String>,
-    iptables: Option<String>,
-    socket_match: Option<String>,
-    failure_policy: Option<String>,
-    log_file: Option<PathBuf>,
-    /// Where the setup lock lives (default /run/node-local-dns/setup.lock).
-    lock_file: Option<PathBuf>,
-    /// Where the counters for the daemon live (default /run/node-local-dns).
-    stats_dir: Option<PathBuf>,
     #[serde(borrow)]
     prev_result: Option<&'a RawValue>,
 }
@@ -60,97 +36,45 @@ pub struct PluginConfig {
 
 /// Only the version, for VERSION and for choosing the error's `cniVersion`.
 pub fn peek_version(stdin: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct V {
-        #[serde(rename = "cniVersion")]
-        cni_version: Option<String>,
-    }
-    serde_json::from_slice::<V>(stdin).ok()?.cni_version
+    serde_json::from_slice::<Envelope>(stdin).ok()?.cni_version
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
     CniError::new(INVALID_CONFIG, msg)
 }
 
-fn parse_ips(key: &str, values: &[String]) -> Result<Vec<IpAddr>, CniError> {
-    values
-        .iter()
-        .map(|v| {
-            v.trim()
-                .parse::<IpAddr>()
-                .map_err(|_| invalid(format!("{key}: {v:?} is not an IP address")))
-        })
-        .collect()
-}
-
-/// A named setting (`iptables`, `socketMatch`): its node-setup default when absent.
-fn parse_setting<T>(key: &str, v: Option<&str>) -> Result<T, CniError>
-where
-    T: std::str::FromStr<Err = node_setup::UnknownSetting> + Default,
-{
-    v.map_or(Ok(T::default()), |v| {
-        v.parse().map_err(|e| invalid(format!("{key}: {e}")))
-    })
-}
-
-fn parse_policy(v: Option<&str>) -> Result<FailurePolicy, CniError> {
-    match v.unwrap_or("open") {
-        "open" => Ok(FailurePolicy::Open),
-        "closed" => Ok(FailurePolicy::Closed),
-        other => Err(invalid(format!(
-            "failurePolicy: {other:?} is not one of \"open\", \"closed\""
-        ))),
+/// Bad JSON is code 6; JSON of the wrong shape or with wrong values is code 7.
+fn decode_error(e: serde_json::Error) -> CniError {
+    if e.is_data() {
+        invalid(format!("network config: {e}"))
+    } else {
+        CniError::new(
+            DECODE_FAILURE,
+            format!("network config is not valid JSON: {e}"),
+        )
     }
 }
 
-/// Parses stdin: bad JSON is code 6, wrong or missing values are code 7.
+/// Parses stdin: the envelope (`cniVersion`, `prevResult`), then our entry's keys, read by the
+/// same type the installer writes them with.
 pub fn parse(stdin: &[u8]) -> Result<PluginConfig, CniError> {
-    let raw: RawConfig = serde_json::from_slice(stdin).map_err(|e| {
-        if e.is_data() {
-            invalid(format!("network config: {e}"))
-        } else {
-            CniError::new(
-                DECODE_FAILURE,
-                format!("network config is not valid JSON: {e}"),
-            )
-        }
-    })?;
-    let cni_version = raw
+    let envelope: Envelope = serde_json::from_slice(stdin).map_err(decode_error)?;
+    let cni_version = envelope
         .cni_version
-        .clone()
         .ok_or_else(|| invalid("cniVersion missing"))?;
-    let cluster_dns = match &raw.cluster_dns {
-        Some(list) if !list.is_empty() => parse_ips("clusterDNS", list)?,
-        _ => {
-            return Err(invalid(
-                "clusterDNS (list of kube-dns ClusterIPs) is required",
-            ));
-        }
-    };
-    let mut node = NodeConfig::new(cluster_dns);
-    if let Some(list) = &raw.local_ips {
-        node.local_ips = parse_ips("localIPs", list)?;
-    }
-    if let Some(name) = &raw.interface {
-        node.interface = name.clone();
-    }
-    node.backend = parse_setting("iptables", raw.iptables.as_deref())?;
-    node.socket_match = parse_setting("socketMatch", raw.socket_match.as_deref())?;
-    if let Some(path) = &raw.lock_file {
-        node.lock_path = path.clone();
-    }
+    let entry: PluginEntry = serde_json::from_slice(stdin).map_err(decode_error)?;
+    let mut node = entry.node_config().map_err(|e| invalid(e.to_string()))?;
     // A pod start should not hang long on a stuck lock; the runtime retries ADD anyway.
     node.lock_timeout = Duration::from_secs(10);
-    node.validate().map_err(|e| invalid(e.to_string()))?;
     Ok(PluginConfig {
         cni_version,
         node,
-        failure_policy: parse_policy(raw.failure_policy.as_deref())?,
-        log_file: raw.log_file.unwrap_or_else(|| DEFAULT_LOG_FILE.into()),
-        stats_dir: raw
+        failure_policy: entry.failure_policy.unwrap_or_default(),
+        log_file: entry.log_file.unwrap_or_else(|| DEFAULT_LOG_FILE.into()),
+        stats_dir: entry
             .stats_dir
             .unwrap_or_else(|| node_setup::DEFAULT_STATS_DIR.into()),
-        prev_result: raw.prev_result.map(|r| r.get().to_string()),
+        prev_result: envelope.prev_result.map(|r| r.get().to_string()),
     })
 }
 
@@ -158,6 +82,7 @@ pub fn parse(stdin: &[u8]) -> Result<PluginConfig, CniError> {
 mod tests {
     use super::*;
     use node_setup::{IptablesBackend, SocketMatch};
+    use std::net::IpAddr;
 
     fn conf(extra: &str) -> String {
         format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"node-local-dns"{extra}}}"#)
@@ -196,6 +121,27 @@ mod tests {
         assert_eq!(c.node.socket_match, SocketMatch::NoWildcard);
         assert_eq!(c.failure_policy, FailurePolicy::Closed);
         assert_eq!(c.prev_result.as_deref(), Some(r#"{"a": 1}"#));
+    }
+
+    #[test]
+    fn the_entry_the_installer_writes_is_read_as_written() {
+        let mut written = PluginEntry::new(
+            vec!["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
+            vec!["169.254.0.1".parse().unwrap()],
+        );
+        written.interface = "nld0".into();
+        written.iptables = IptablesBackend::Nft;
+        written.socket_match = SocketMatch::NoWildcard;
+        // As the runtime passes it: the list's cniVersion and name around our entry.
+        let mut stdin = written.to_value();
+        stdin["cniVersion"] = "0.4.0".into();
+        stdin["name"] = "k8s-pod-network".into();
+        let c = parse(stdin.to_string().as_bytes()).unwrap();
+        let mut expected = written.node_config().unwrap();
+        expected.lock_timeout = Duration::from_secs(10);
+        assert_eq!(c.node, expected);
+        assert_eq!(c.node.interface, "nld0");
+        assert_eq!(c.failure_policy, FailurePolicy::Open);
     }
 
     #[test]

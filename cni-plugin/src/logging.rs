@@ -13,10 +13,7 @@ pub fn init(path: &Path) {
     let builder = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NODE_LOCAL_DNS_CNI_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        );
+        .with_env_filter(settings::logging::env_filter("NODE_LOCAL_DNS_CNI_LOG"));
     // try_init: a second call in the same process (unit tests) keeps the first subscriber.
     let _ = match file {
         Ok(f) => builder.with_writer(Mutex::new(f)).try_init(),

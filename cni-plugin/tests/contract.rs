@@ -558,3 +558,39 @@ fn ipv6_cluster_ip_legacy() {
 fn ipv6_cluster_ip_nft() {
     ipv6_cluster_ip("nft");
 }
+
+#[test]
+fn the_entry_the_installer_writes_is_applied_as_written() {
+    use settings::entry::PluginEntry;
+    let (fx, ns) = (Fixture::new(), Netns::new());
+    let d = fx.dir.path();
+    // The installer's type, with every node setting away from its default.
+    let mut entry = PluginEntry::new(
+        vec![CLUSTER.parse().unwrap()],
+        vec!["169.254.20.11".parse().unwrap()],
+    );
+    entry.interface = "nld0".into();
+    entry.iptables = node_setup::IptablesBackend::Legacy;
+    entry.socket_match = node_setup::SocketMatch::NoWildcard;
+    entry.log_file = Some(d.join("cni.log"));
+    entry.stats_dir = Some(d.join("stats"));
+    entry.lock_file = Some(d.join("setup.lock"));
+    let mut cfg = entry.to_value();
+    cfg["cniVersion"] = "1.0.0".into();
+    cfg["name"] = "k8s-pod-network".into();
+    cfg["prevResult"] = prev_result("1.0.0");
+    let out = Invocation::new("ADD", &cfg).run_in(Some(&ns));
+    assert!(out.status.success(), "{out:?}");
+    let addrs = ns.exec("ip", &["-o", "addr", "show", "dev", "nld0"]);
+    assert!(addrs.contains(" 169.254.20.11/"), "{addrs}");
+    let rules = ns.raw_rules("iptables-legacy");
+    let ours = ours(&rules);
+    assert_eq!(ours.len(), 4, "{rules:#?}");
+    assert!(
+        ours.iter()
+            .filter(|l| l.starts_with("-A PREROUTING"))
+            .all(|l| l.contains("--nowildcard")),
+        "{ours:#?}"
+    );
+    assert!(ns.raw_rules("iptables-nft").is_empty());
+}

@@ -1,87 +1,22 @@
 //! Pure edits of one CNI config document, on `serde_json::Value` with `preserve_order` so that
 //! every key we do not own keeps its value and its position.
 
-use std::net::IpAddr;
-
-use node_setup::{IptablesBackend, SocketMatch};
 use serde_json::{Map, Value};
 
-/// The `type` of our chained plugin entry; how we find it again in any conflist.
-pub const PLUGIN_TYPE: &str = "node-local-dns";
+/// The entry type is shared with the plugin, which reads what the installer writes with it.
+pub use settings::entry::{PLUGIN_TYPE, PluginEntry};
 
 /// Plugin types of meta-plugins whose own config file must be skipped: they delegate to the
 /// primary CNI's file, which is the one to edit.
 const DELEGATING_TYPES: &[&str] = &["multus", "multus-shim"];
 
-/// Our desired entry, as data: the node settings the plugin applies on every ADD. They come
-/// from the same `NODE_LOCAL_DNS_*` variables the resolver reads, so the plugin and the
-/// resolver converge on the same interface and rules instead of undoing each other's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginEntry {
-    pub cluster_dns: Vec<IpAddr>,
-    pub local_ips: Vec<IpAddr>,
-    pub interface: String,
-    pub backend: IptablesBackend,
-    pub socket_match: SocketMatch,
-}
-
-impl PluginEntry {
-    /// node-setup's defaults for everything but the addresses.
-    pub fn new(cluster_dns: Vec<IpAddr>, local_ips: Vec<IpAddr>) -> Self {
-        Self {
-            cluster_dns,
-            local_ips,
-            interface: node_setup::DEFAULT_INTERFACE.to_string(),
-            backend: IptablesBackend::default(),
-            socket_match: SocketMatch::default(),
-        }
+/// The keys we own in our entry, in the order they are written for a new entry. Keys the
+/// entry leaves unset (the plugin's `failurePolicy`, `logFile`…) stay the operator's.
+fn owned_fields(entry: &PluginEntry) -> Map<String, Value> {
+    match entry.to_value() {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
     }
-
-    /// Refuses what the plugin would refuse (code 7 on every pod ADD): an entry is only
-    /// written if the plugin can use it.
-    pub fn validate(&self) -> Result<(), node_setup::SetupError> {
-        let mut node = node_setup::NodeConfig::new(self.cluster_dns.clone());
-        node.interface = self.interface.clone();
-        node.validate()
-    }
-
-    /// The keys we own in the entry, in the order they are written for a new entry.
-    fn owned_fields(&self) -> [(&'static str, Value); 6] {
-        [
-            ("type", Value::from(PLUGIN_TYPE)),
-            ("clusterDNS", ip_list(&self.cluster_dns)),
-            ("localIPs", ip_list(&self.local_ips)),
-            ("interface", Value::from(self.interface.as_str())),
-            ("iptables", Value::from(self.backend.as_str())),
-            ("socketMatch", Value::from(self.socket_match.as_str())),
-        ]
-    }
-
-    pub fn to_value(&self) -> Value {
-        Value::Object(
-            self.owned_fields()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-        )
-    }
-
-    /// Reads the ClusterIPs back from an installed entry (uninstall uses it for node teardown).
-    pub fn cluster_dns_of(entry: &Value) -> Vec<IpAddr> {
-        entry
-            .get("clusterDNS")
-            .and_then(Value::as_array)
-            .map(|ips| {
-                ips.iter()
-                    .filter_map(|ip| ip.as_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-fn ip_list(ips: &[IpAddr]) -> Value {
-    Value::Array(ips.iter().map(|ip| Value::from(ip.to_string())).collect())
 }
 
 /// Why a document cannot be edited. Such a file is left exactly as it is.
@@ -151,7 +86,7 @@ pub fn ensure_entry(doc: &mut Value, entry: &PluginEntry) -> Result<bool, ShapeE
     let plugins = plugins_mut(doc)?;
     let ours: Vec<usize> = our_positions(plugins);
     let Some(&first) = ours.first() else {
-        plugins.push(entry.to_value());
+        plugins.push(Value::Object(owned_fields(entry)));
         return Ok(true);
     };
     // Duplicates would run the plugin twice per ADD; keep only the first.
@@ -162,9 +97,9 @@ pub fn ensure_entry(doc: &mut Value, entry: &PluginEntry) -> Result<bool, ShapeE
     let existing = plugins[first]
         .as_object_mut()
         .ok_or(ShapeError::BadPlugins)?;
-    for (key, want) in entry.owned_fields() {
-        if existing.get(key) != Some(&want) {
-            existing.insert(key.to_string(), want);
+    for (key, want) in owned_fields(entry) {
+        if existing.get(&key) != Some(&want) {
+            existing.insert(key, want);
             changed = true;
         }
     }
@@ -353,5 +288,26 @@ mod tests {
             entry().cluster_dns
         );
         assert!(PluginEntry::cluster_dns_of(&json!({"type": "node-local-dns"})).is_empty());
+    }
+
+    #[test]
+    fn keys_the_operator_set_and_we_do_not_own_are_kept() {
+        let mut doc = bridge_list();
+        doc["plugins"].as_array_mut().unwrap().push(
+            json!({"type": "node-local-dns", "clusterDNS": ["10.96.0.10", "fd00::a"],
+                   "failurePolicy": "closed", "logFile": "/var/log/x.log"}),
+        );
+        assert!(ensure_entry(&mut doc, &entry()).unwrap());
+        let ours = &doc["plugins"][2];
+        assert_eq!(ours["failurePolicy"], "closed");
+        assert_eq!(ours["logFile"], "/var/log/x.log");
+        assert_eq!(ours["socketMatch"], "safe");
+        // What the plugin reads back is what the installer meant, plus the operator's keys.
+        let read: PluginEntry = serde_json::from_value(ours.clone()).unwrap();
+        assert_eq!(read.cluster_dns, entry().cluster_dns);
+        assert_eq!(
+            read.failure_policy,
+            Some(settings::entry::FailurePolicy::Closed)
+        );
     }
 }

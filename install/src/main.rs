@@ -1,15 +1,17 @@
 //! `node-local-dns-install`: wires the process (flags, env, signals, logs) to the library.
 
-use std::io::IsTerminal;
-use std::net::IpAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use node_setup::{IptablesBackend, SocketMatch, clap_parser};
+use settings::duration::format_duration;
+use settings::logging::{LogFormat, init_logging, log_fatal};
+use settings::node::NodeArgs;
+use settings::{ProcessEnv, SettingsError, cluster_dns, parse_duration};
 
 use node_local_dns_install::conflist::PluginEntry;
 use node_local_dns_install::watch::{self, InstallConfig, Wake};
@@ -30,12 +32,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,20 +68,10 @@ struct Dirs {
 struct InstallArgs {
     #[command(flatten)]
     dirs: Dirs,
-    /// kube-dns ClusterIP(s), one per family: IP[,IP6]. Falls back to KUBE_DNS_SVC_IP.
-    #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
-    cluster_dns: Vec<IpAddr>,
+    /// The node settings the plugin's entry carries, from the same `NODE_LOCAL_DNS_*`
+    /// variables as the resolver's flags of the same names.
     #[command(flatten)]
     node: NodeArgs,
-    /// How the plugin's PREROUTING rules match the resolver's socket (the resolver's
-    /// --socket-match; the two must agree or each undoes the other's rules).
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_SOCKET_MATCH",
-        value_parser = clap_parser::<SocketMatch>(),
-        default_value = "safe"
-    )]
-    socket_match: SocketMatch,
     /// The plugin binary to copy into --bin-dir.
     #[arg(
         long,
@@ -107,27 +93,6 @@ struct InstallArgs {
     retry_interval: Duration,
 }
 
-/// The node settings both subcommands share, read from the same `NODE_LOCAL_DNS_*`
-/// variables as the resolver's flags of the same names: `install` writes them into the
-/// plugin's entry, `uninstall --teardown-node` removes what they name.
-#[derive(Debug, Args)]
-struct NodeArgs {
-    /// Link-local listen address(es).
-    #[arg(long, env = "NODE_LOCAL_DNS_LOCAL_IP", value_delimiter = ',', default_value = node_setup::DEFAULT_LOCAL_IP)]
-    local_ip: Vec<IpAddr>,
-    /// Node-local interface holding the listen addresses.
-    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
-    interface: String,
-    /// iptables backend: auto = the one kube-proxy uses.
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_parser = clap_parser::<IptablesBackend>(),
-        default_value = "auto"
-    )]
-    iptables_backend: IptablesBackend,
-}
-
 #[derive(Debug, Args)]
 struct UninstallArgs {
     #[command(flatten)]
@@ -136,10 +101,8 @@ struct UninstallArgs {
     /// DaemonSet first, or its resolver puts them back.
     #[arg(long, env = "NODE_LOCAL_DNS_TEARDOWN_NODE")]
     teardown_node: bool,
-    /// ClusterIP(s) whose rules teardown removes; default: read from our conflist entry,
-    /// then KUBE_DNS_SVC_IP.
-    #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
-    cluster_dns: Vec<IpAddr>,
+    /// What `--teardown-node` removes. Its ClusterIP(s), when no source gives them: the
+    /// ones of the removed conflist entries.
     #[command(flatten)]
     node: NodeArgs,
     /// Lock file shared with the plugin and the resolver.
@@ -147,9 +110,19 @@ struct UninstallArgs {
     setup_lock: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli: Cli = settings::cli::parse();
     init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log_fatal(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // Block termination signals before any thread exists so every thread inherits the mask
     // and only the dedicated signal thread receives them.
     let signals = termination_signals();
@@ -158,18 +131,6 @@ fn main() -> anyhow::Result<()> {
         Command::Install(args) => install(args, signals),
         Command::Check(args) => check(args),
         Command::Uninstall(args) => uninstall(args),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
@@ -212,19 +173,15 @@ fn install(args: InstallArgs, signals: SigSet) -> anyhow::Result<()> {
 }
 
 fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
-    let cluster_dns = cluster_dns_or_env(args.cluster_dns)?;
-    if cluster_dns.is_empty() {
-        bail!(
-            "no kube-dns ClusterIP: give --cluster-dns, NODE_LOCAL_DNS_CLUSTER_DNS or KUBE_DNS_SVC_IP"
-        );
-    }
-    let entry = PluginEntry {
-        interface: args.node.interface,
-        backend: args.node.iptables_backend,
-        socket_match: args.socket_match,
-        ..PluginEntry::new(cluster_dns, args.node.local_ip)
-    };
-    entry.validate().context("plugin entry")?;
+    check_intervals(&args)?;
+    let found = cluster_dns::require(
+        &args.node.cluster_dns,
+        &ProcessEnv,
+        "the plugin's conflist entry",
+    )?;
+    tracing::debug!(source = found.source.name(), ips = ?found.ips, "kube-dns ClusterIP");
+    let entry = args.node.plugin_entry(&found.ips);
+    entry.node_config().context("plugin entry")?;
     Ok(InstallConfig {
         bin_dir: args.dirs.bin_dir,
         conf_dir: args.dirs.conf_dir,
@@ -234,6 +191,31 @@ fn install_config(args: InstallArgs) -> anyhow::Result<InstallConfig> {
         debounce: args.debounce,
         retry: args.retry_interval,
     })
+}
+
+/// A zero interval would make the watch loop spin (a round, then at once the next); a
+/// debounce longer than the resync interval would hold a change back past the next full
+/// round it is meant to come before.
+fn check_intervals(args: &InstallArgs) -> Result<(), SettingsError> {
+    for (name, interval) in [
+        ("--resync-interval", args.resync_interval),
+        ("--retry-interval", args.retry_interval),
+    ] {
+        if interval.is_zero() {
+            return Err(SettingsError::bound(name, "0s", "above 0"));
+        }
+    }
+    if args.debounce > args.resync_interval {
+        return Err(SettingsError::bound(
+            "--debounce",
+            format_duration(args.debounce),
+            format!(
+                "at most --resync-interval ({})",
+                format_duration(args.resync_interval)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A thread that turns SIGTERM/SIGINT into `Wake::Stop`.
@@ -265,7 +247,11 @@ fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
 }
 
 fn teardown(args: &UninstallArgs, removed_entries: &[serde_json::Value]) -> anyhow::Result<()> {
-    let mut cluster_dns = cluster_dns_or_env(args.cluster_dns.clone())?;
+    let mut cluster_dns = args
+        .node
+        .cluster_dns(&ProcessEnv)?
+        .map(|found| found.ips)
+        .unwrap_or_default();
     if cluster_dns.is_empty() {
         // Several files may carry the entry: each ClusterIP once, in first-seen order.
         for ip in removed_entries.iter().flat_map(PluginEntry::cluster_dns_of) {
@@ -279,77 +265,69 @@ fn teardown(args: &UninstallArgs, removed_entries: &[serde_json::Value]) -> anyh
             "--teardown-node needs the kube-dns ClusterIP: give --cluster-dns (no conflist entry had it)"
         );
     }
-    let mut cfg = node_setup::NodeConfig::new(cluster_dns);
-    cfg.local_ips = args.node.local_ip.clone();
-    cfg.interface = args.node.interface.clone();
+    let mut cfg = args.node.node_config(&cluster_dns);
     cfg.lock_path = args.setup_lock.clone();
-    cfg.backend = args.node.iptables_backend;
     node_setup::teardown_node(&cfg).context("node teardown")?;
     tracing::info!(interface = %cfg.interface, "node state removed");
     Ok(())
 }
 
-/// `--cluster-dns` wins; else KUBE_DNS_SVC_IP ("IP" or "IP,IP6"), the name the manifests and
-/// the resolver share.
-fn cluster_dns_or_env(from_flag: Vec<IpAddr>) -> anyhow::Result<Vec<IpAddr>> {
-    if !from_flag.is_empty() {
-        return Ok(from_flag);
-    }
-    match std::env::var("KUBE_DNS_SVC_IP") {
-        Ok(v) if !v.trim().is_empty() => parse_ip_list(&v).context("KUBE_DNS_SVC_IP"),
-        _ => Ok(Vec::new()),
-    }
-}
-
-fn parse_ip_list(s: &str) -> anyhow::Result<Vec<IpAddr>> {
-    s.split(',')
-        .map(|part| {
-            part.trim()
-                .parse()
-                .with_context(|| format!("{part:?} is not an IP address"))
-        })
-        .collect()
-}
-
-/// "60s", "500ms", "2m" or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 60s, 500ms, 2m"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("5h").is_err());
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
-    fn ip_lists_parse() {
-        let ips = parse_ip_list("10.96.0.10, fd00::a").unwrap();
+    fn durations_use_the_shared_grammar() {
+        let cli = Cli::try_parse_from([
+            "node-local-dns-install",
+            "install",
+            "--resync-interval",
+            "1m30s",
+            "--debounce",
+            "0.5s",
+        ])
+        .unwrap();
+        let Command::Install(args) = cli.command else {
+            panic!("install");
+        };
+        assert_eq!(args.resync_interval, Duration::from_secs(90));
+        assert_eq!(args.debounce, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn zero_intervals_are_refused_naming_the_flag() {
+        for flag in ["--resync-interval", "--retry-interval"] {
+            let cli =
+                Cli::try_parse_from(["node-local-dns-install", "install", flag, "0"]).unwrap();
+            let Command::Install(args) = cli.command else {
+                panic!("install");
+            };
+            let err = check_intervals(&args).unwrap_err();
+            assert_eq!(err.name(), Some(flag));
+            assert_eq!(err.to_string(), format!("{flag} 0s: must be above 0"));
+        }
+        let cli = Cli::try_parse_from([
+            "node-local-dns-install",
+            "install",
+            "--debounce",
+            "2m",
+            "--resync-interval",
+            "60s",
+        ])
+        .unwrap();
+        let Command::Install(args) = cli.command else {
+            panic!("install");
+        };
+        let err = check_intervals(&args).unwrap_err().to_string();
         assert_eq!(
-            ips,
-            vec![
-                "10.96.0.10".parse::<IpAddr>().unwrap(),
-                "fd00::a".parse().unwrap()
-            ]
+            err,
+            "--debounce 120s: must be at most --resync-interval (60s)"
         );
-        assert!(parse_ip_list("10.96.0.300").is_err());
     }
 }

@@ -317,6 +317,111 @@ fn cluster_dns_comes_from_kube_dns_svc_ip_and_flags_from_env() {
 }
 
 #[test]
+fn cluster_dns_comes_from_the_service_link_when_nothing_else_names_it() {
+    let node = Node::new();
+    fs::write(node.conf("10-flannel.conflist"), example(FLANNEL)).unwrap();
+    // Kubernetes injects KUBE_DNS_SERVICE_HOST into kube-system pods; an empty
+    // KUBE_DNS_SVC_IP (an absent optional ConfigMap key) does not hide it.
+    let out = node
+        .install_cmd(&["--once"])
+        .env("KUBE_DNS_SERVICE_HOST", "10.96.0.10")
+        .env("KUBE_DNS_SVC_IP", "")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let doc = read_json(&node.conf("10-flannel.conflist"));
+    assert_eq!(doc["plugins"][2]["clusterDNS"], json!(["10.96.0.10"]));
+
+    // KUBE_DNS_SVC_IP comes first: it may carry the second family.
+    let out = node
+        .install_cmd(&["--once"])
+        .env("KUBE_DNS_SERVICE_HOST", "10.96.0.10")
+        .env("KUBE_DNS_SVC_IP", "10.96.0.10,fd00::a")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let doc = read_json(&node.conf("10-flannel.conflist"));
+    assert_eq!(
+        doc["plugins"][2]["clusterDNS"],
+        json!(["10.96.0.10", "fd00::a"])
+    );
+}
+
+#[test]
+fn bad_settings_are_one_line_naming_their_source() {
+    let node = Node::new();
+    fs::write(node.conf("10-flannel.conflist"), example(FLANNEL)).unwrap();
+    for (env, value, says) in [
+        (
+            "KUBE_DNS_SERVICE_HOST",
+            "kube-dns",
+            "KUBE_DNS_SERVICE_HOST \"kube-dns\"",
+        ),
+        (
+            "KUBE_DNS_SVC_IP",
+            "10.96.0.10,10.96.0.11",
+            "two IPv4 addresses",
+        ),
+        (
+            "NODE_LOCAL_DNS_CLUSTER_DNS",
+            "10.96.0.300",
+            "NODE_LOCAL_DNS_CLUSTER_DNS \"10.96.0.300\"",
+        ),
+        (
+            "NODE_LOCAL_DNS_RESYNC_INTERVAL",
+            "5x",
+            "NODE_LOCAL_DNS_RESYNC_INTERVAL \"5x\": expected a duration",
+        ),
+    ] {
+        let out = node
+            .install_cmd(&["--once"])
+            .env(env, value)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{env}={value} accepted");
+        assert!(err.contains(says), "{env}={value}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{env}={value}: {err}");
+    }
+    let out = node.install_cmd(&["--once"]).output().unwrap();
+    let err = stderr(&out);
+    for source in ["--cluster-dns", "KUBE_DNS_SVC_IP", "KUBE_DNS_SERVICE_HOST"] {
+        assert!(err.contains(source), "{source}: {err}");
+    }
+    assert_eq!(
+        fs::read(node.conf("10-flannel.conflist")).unwrap(),
+        example(FLANNEL),
+        "nothing written"
+    );
+}
+
+#[test]
+fn a_failed_start_is_logged_in_the_chosen_format() {
+    let node = Node::new();
+    let out = node
+        .install_cmd(&["--once", "--log-format", "json"])
+        .env("KUBE_DNS_SVC_IP", "kube-dns")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line: serde_json::Value = serde_json::from_str(stderr(&out).trim_end()).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    let message = line["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("KUBE_DNS_SVC_IP \"kube-dns\""),
+        "{message}"
+    );
+
+    // Text on a pipe: no colour codes.
+    let out = node
+        .install_cmd(&["--once"])
+        .env("KUBE_DNS_SVC_IP", "kube-dns")
+        .output()
+        .unwrap();
+    assert!(!stderr(&out).contains('\x1b'), "{}", stderr(&out));
+}
+
+#[test]
 fn temp_files_of_an_interrupted_run_are_removed() {
     let node = Node::new();
     fs::write(node.conf("10-flannel.conflist"), example(FLANNEL)).unwrap();

@@ -1,6 +1,6 @@
 //! install/ manifests: rendered without a cluster and validated against the Kubernetes OpenAPI
 //! schemas (PyPI `kubernetes-validate`, offline) by tests/validate_manifests.py; then the
-//! rendered objects are checked for what the issue requires, and the installer container's
+//! rendered objects are checked for what a deployment requires, and the installer container's
 //! command and environment are run for real against temp dirs.
 //! Needs: python3 with `pip install kubernetes-validate` (brings jsonschema) and PyYAML.
 
@@ -151,7 +151,7 @@ fn kube_dns_svc_ip_is_replaced_from_the_kube_dns_service() {
 }
 
 #[test]
-fn daemonset_has_every_field_the_issue_requires() {
+fn daemonset_has_every_field_a_deployment_requires() {
     let objects = rendered();
     let ds = find(&objects, "DaemonSet", "node-local-dns");
     let pod = &ds["spec"]["template"]["spec"];
@@ -248,11 +248,19 @@ fn pod_monitor_scrapes_the_port_the_daemonset_names() {
 fn every_configmap_setting_is_a_variable_some_binary_reads() {
     let objects = rendered();
     let cm = find(&objects, "ConfigMap", "node-local-dns");
-    let sources = [
-        fs::read_to_string(install_dir().join("src/main.rs")).unwrap(),
-        fs::read_to_string(install_dir().join("../resolver-daemon/src/config.rs")).unwrap(),
-    ]
-    .join("\n");
+    // The programs' own flags, and the settings they share (node flags, ClusterIP sources).
+    let mut files = vec![
+        install_dir().join("src/main.rs"),
+        install_dir().join("../resolver-daemon/src/config.rs"),
+    ];
+    for entry in fs::read_dir(install_dir().join("../settings/src")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    let sources = files
+        .iter()
+        .map(|f| fs::read_to_string(f).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
     for key in cm["data"].as_object().unwrap().keys() {
         assert!(
             sources.contains(&format!("\"{key}\"")),

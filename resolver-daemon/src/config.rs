@@ -1,19 +1,44 @@
 //! Command line / environment configuration, parsed once at start into a validated `Config`.
 //!
-//! Every flag has an env equivalent `NODE_LOCAL_DNS_*`; the kube-dns ClusterIP may also come
-//! from `KUBE_DNS_SVC_IP` and the upstream source address from `NODE_IP` (downward API
-//! `status.hostIP`), read through the `Env` trait so tests drive it with a map.
+//! Every flag has an env equivalent `NODE_LOCAL_DNS_*`. The kube-dns ClusterIP comes from
+//! `--cluster-dns`, else `KUBE_DNS_SVC_IP`, else `KUBE_DNS_SERVICE_HOST` (the settings crate
+//! owns that order and every grammar: durations, sizes, addresses); the upstream source
+//! address from `NODE_IP` (downward API `status.hostIP`). Environment strings are read through
+//! the `Env` trait so tests drive them with a map.
+//!
+//! Every default is written once, in the flag's attribute below (`--cache-max-bytes`: in
+//! [`default_cache_max_bytes`]); `cache::CacheConfig` is built from the flags here. Values
+//! that contradict each other or exceed what the daemon honours are refused at start, naming
+//! the flag and the bound, never clamped silently.
 
 use crate::cache::CacheConfig;
 use clap::{Parser, ValueEnum};
-use node_setup::{IptablesBackend, SocketMatch, clap_parser};
+use settings::SettingsError;
+use settings::addr::{parse_host_port, parse_ip};
+use settings::cluster_dns::Source;
+use settings::duration::format_duration;
+use settings::error::GrammarError;
+use settings::node::NodeArgs;
+use settings::{parse_duration, parse_size};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const DEFAULT_LOCAL_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 20, 10));
-/// Idle TCP connections are closed after at most this long (issue 2: <= 10 s).
+pub use settings::env::{Env, ProcessEnv};
+pub use settings::logging::LogFormat;
+
+/// Idle TCP connections are closed after at most this long.
 pub const MAX_TCP_IDLE: Duration = Duration::from_secs(10);
+/// Longest pause between UDP batches (`--udp-coalesce`): the latency it may add.
+pub const MAX_UDP_COALESCE: Duration = Duration::from_millis(1);
+/// A client's resolver gives up on a server after this long (resolv.conf `timeout:` default):
+/// every upstream attempt must be over by then, so the client gets an answer or SERVFAIL.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `--cache-max-bytes` default: the one place it is decided.
+pub fn default_cache_max_bytes() -> usize {
+    256 << 20
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamProto {
@@ -38,22 +63,21 @@ pub enum UdpThreads {
 /// At most this many UDP threads per listen address (also the cap for `auto`).
 pub const MAX_UDP_THREADS: usize = 64;
 
-fn parse_threads(s: &str) -> Result<UdpThreads, String> {
+fn parse_threads(s: &str) -> Result<UdpThreads, GrammarError> {
     if s.trim().eq_ignore_ascii_case("auto") {
         return Ok(UdpThreads::PerCpu);
     }
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_UDP_THREADS).contains(&n) => Ok(UdpThreads::Fixed(n)),
-        _ => Err(format!(
-            "invalid thread count {s:?} (1..={MAX_UDP_THREADS} or auto)"
-        )),
+        _ => Err(GrammarError(format!(
+            "expected a thread count (1..={MAX_UDP_THREADS} or auto)"
+        ))),
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// A DNS address, `IP[:PORT]`, port 53 by default.
+fn dns_addr(s: &str) -> Result<SocketAddr, GrammarError> {
+    parse_host_port(s, 53)
 }
 
 /// Node-local caching DNS forwarder that holds the kube-dns ClusterIP socket.
@@ -68,26 +92,19 @@ pub struct Args {
     /// Address to serve DNS on (UDP and TCP), IP[:PORT], repeatable or comma-separated.
     /// Bound to that exact address with IP_FREEBIND. Default: the kube-dns ClusterIP(s) and
     /// --local-ip, port 53.
-    #[arg(long, env = "NODE_LOCAL_DNS_LISTEN", value_delimiter = ',')]
-    pub listen: Vec<String>,
+    #[arg(long, env = "NODE_LOCAL_DNS_LISTEN", value_delimiter = ',', value_parser = dns_addr)]
+    pub listen: Vec<SocketAddr>,
 
-    /// kube-dns ClusterIP(s), one per family (also read from KUBE_DNS_SVC_IP).
-    #[arg(long, env = "NODE_LOCAL_DNS_CLUSTER_DNS", value_delimiter = ',')]
-    pub cluster_dns: Vec<IpAddr>,
-
-    /// Link-local address(es) the cache also serves on and node setup adds to the interface.
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_LOCAL_IP",
-        value_delimiter = ',',
-        default_value = "169.254.20.10"
-    )]
-    pub local_ip: Vec<IpAddr>,
+    /// The node settings, shared with the installer (which writes them into the plugin's
+    /// conflist entry): --cluster-dns, --local-ip, --interface, --iptables-backend,
+    /// --socket-match.
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Upstream server for cache misses, IP[:PORT], repeatable. Default: the kube-dns
     /// ClusterIP(s) port 53 (kube-proxy DNATs them to the cluster DNS pods).
-    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM", value_delimiter = ',')]
-    pub upstream: Vec<String>,
+    #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM", value_delimiter = ',', value_parser = dns_addr)]
+    pub upstream: Vec<SocketAddr>,
 
     /// Source address for upstream sockets whenever the kernel would pick a listen address.
     /// Default: NODE_IP (downward API status.hostIP), else the default route's source.
@@ -107,8 +124,8 @@ pub struct Args {
     #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
     pub upstream_timeout: Duration,
 
-    /// Attempts per client query (each on the next healthy upstream); keep
-    /// attempts x timeout well under the client's 5 s.
+    /// Attempts per client query (each on the next healthy upstream); attempts × timeout
+    /// must stay under the client's 5 s.
     #[arg(long, env = "NODE_LOCAL_DNS_UPSTREAM_ATTEMPTS", default_value_t = 2)]
     pub upstream_attempts: u32,
 
@@ -204,9 +221,10 @@ pub struct Args {
     /// Maximum TTL of cached denials.
     #[arg(long, env = "NODE_LOCAL_DNS_CACHE_DENIAL_MAX_TTL", value_parser = parse_duration, default_value = "5s")]
     pub cache_denial_max_ttl: Duration,
-    /// Overall cache memory budget in bytes (LRU eviction past it).
-    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
-    pub cache_max_bytes: usize,
+    /// Overall cache memory budget (LRU eviction past it): bytes or a size such as 64MiB,
+    /// 1GiB, 256M. Default: 256MiB.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES", value_parser = parse_size)]
+    pub cache_max_bytes: Option<usize>,
     /// How long expired entries may still be served when upstreams fail (RFC 8767).
     #[arg(long, env = "NODE_LOCAL_DNS_STALE_WINDOW", value_parser = parse_duration, default_value = "1h")]
     pub stale_window: Duration,
@@ -258,29 +276,6 @@ pub struct Args {
     /// How often node setup is re-ensured.
     #[arg(long, env = "NODE_LOCAL_DNS_SYNC_INTERVAL", value_parser = parse_duration, default_value = "10s")]
     pub sync_interval: Duration,
-    /// Node-local interface holding the listen addresses.
-    #[arg(long, env = "NODE_LOCAL_DNS_INTERFACE", default_value = node_setup::DEFAULT_INTERFACE)]
-    pub interface: String,
-    /// iptables backend to program: auto = the one kube-proxy uses (more KUBE- chains; nft
-    /// when tied).
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_IPTABLES_BACKEND",
-        value_parser = clap_parser::<IptablesBackend>(),
-        default_value = "auto"
-    )]
-    pub iptables_backend: IptablesBackend,
-    /// How the raw PREROUTING rules match the daemon's socket: safe = `-m socket` (ignores
-    /// wildcard listeners; recommended); nowildcard = the seed's `-m socket --nowildcard`
-    /// (captured by any 0.0.0.0:53 listener while the cache is down). The installer writes
-    /// the same value into the plugin's conflist entry.
-    #[arg(
-        long,
-        env = "NODE_LOCAL_DNS_SOCKET_MATCH",
-        value_parser = clap_parser::<SocketMatch>(),
-        default_value = "safe"
-    )]
-    pub socket_match: SocketMatch,
     /// Lock file serialising node setup with the CNI plugin.
     #[arg(long, env = "NODE_LOCAL_DNS_SETUP_LOCK", default_value = node_setup::DEFAULT_LOCK_PATH)]
     pub setup_lock: PathBuf,
@@ -295,7 +290,7 @@ pub struct Args {
     #[arg(long, env = "NODE_LOCAL_DNS_GRACE_PERIOD", value_parser = parse_duration, default_value = "5s")]
     pub grace_period: Duration,
 
-    /// Log format.
+    /// Log format on stderr (text has colours only on a terminal).
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_LOG_FORMAT",
@@ -310,35 +305,16 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("invalid address {value:?}: expected IP or IP:PORT ([v6]:PORT)")]
-    Address { value: String },
-    #[error("no listen address: give --listen or --cluster-dns / KUBE_DNS_SVC_IP")]
+    #[error(
+        "no listen address: give --listen, or the kube-dns ClusterIP by --cluster-dns, KUBE_DNS_SVC_IP or KUBE_DNS_SERVICE_HOST"
+    )]
     NoListen,
-    #[error("no upstream: give --upstream or --cluster-dns / KUBE_DNS_SVC_IP")]
+    #[error(
+        "no upstream: give --upstream, or the kube-dns ClusterIP by --cluster-dns, KUBE_DNS_SVC_IP or KUBE_DNS_SERVICE_HOST"
+    )]
     NoUpstream,
-    #[error("listen address {0} is a wildcard; bind specific addresses only")]
-    Wildcard(IpAddr),
-    #[error("{name} must be {rule}")]
-    Range {
-        name: &'static str,
-        rule: &'static str,
-    },
-    #[error("KUBE_DNS_SVC_IP {0:?} is not an IP address")]
-    KubeDnsIp(String),
-    #[error("NODE_IP {0:?} is not an IP address")]
-    NodeIp(String),
-}
-
-/// Source of environment strings (real process env, or a map in tests).
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-pub struct ProcessEnv;
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
-    }
+    #[error(transparent)]
+    Setting(#[from] SettingsError),
 }
 
 /// The validated configuration the daemon runs with.
@@ -346,6 +322,8 @@ impl Env for ProcessEnv {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub cluster_dns: Vec<IpAddr>,
+    /// Which setting the ClusterIP(s) came from (`None`: none given).
+    pub cluster_dns_source: Option<Source>,
     pub local_ips: Vec<IpAddr>,
     pub upstreams: Vec<SocketAddr>,
     /// Explicit or NODE_IP source; `None` means "default route's source when needed".
@@ -379,22 +357,18 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: Args, env: &dyn Env) -> Result<Self, ConfigError> {
-        let cluster_dns = cluster_dns(&args, env)?;
+        let found = args.node.cluster_dns(env)?;
+        let cluster_dns = found.as_ref().map(|f| f.ips.clone()).unwrap_or_default();
         let listen = listen_addrs(&args, &cluster_dns)?;
         let upstreams = upstream_addrs(&args, &cluster_dns)?;
-        let upstream_source = match args.upstream_source {
-            Some(ip) => Some(ip),
-            None => match env.var("NODE_IP") {
-                Some(v) => Some(v.parse().map_err(|_| ConfigError::NodeIp(v))?),
-                None => None,
-            },
-        };
-        check_ranges(&args)?;
-        let node_setup = (!args.no_node_setup).then(|| node_config(&args, &cluster_dns));
+        let upstream_source = upstream_source(&args, env)?;
+        check_bounds(&args)?;
+        let node_setup = node_config(&args, &cluster_dns)?;
         Ok(Self {
             listen,
             cluster_dns,
-            local_ips: args.local_ip.clone(),
+            cluster_dns_source: found.map(|f| f.source),
+            local_ips: args.node.local_ip.clone(),
             upstreams,
             upstream_source,
             upstream_proto: args.upstream_proto,
@@ -409,11 +383,11 @@ impl Config {
             external_to_resolv_conf: args.external_to_resolv_conf,
             resolv_conf: args.resolv_conf.clone(),
             threads: args.threads,
-            udp_coalesce: args.udp_coalesce.min(Duration::from_millis(1)),
+            udp_coalesce: args.udp_coalesce,
             udp_slice: args.udp_slice,
             workers: args.workers,
             tcp_max_connections: args.tcp_max_connections,
-            tcp_idle_timeout: args.tcp_idle_timeout.min(MAX_TCP_IDLE),
+            tcp_idle_timeout: args.tcp_idle_timeout,
             cache: cache_config(&args),
             prefetch_rate: args.prefetch_rate,
             metrics_listen: args.metrics_listen,
@@ -429,23 +403,7 @@ impl Config {
     }
 }
 
-fn cluster_dns(args: &Args, env: &dyn Env) -> Result<Vec<IpAddr>, ConfigError> {
-    if !args.cluster_dns.is_empty() {
-        return Ok(args.cluster_dns.clone());
-    }
-    match env.var("KUBE_DNS_SVC_IP") {
-        None => Ok(Vec::new()),
-        Some(v) => v
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .map_err(|_| ConfigError::KubeDnsIp(v.clone()))
-            })
-            .collect(),
-    }
-}
-
+/// `--listen`, else the ClusterIP(s) and `--local-ip` on port 53; never a wildcard.
 fn listen_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>, ConfigError> {
     let listen: Vec<SocketAddr> = if args.listen.is_empty() {
         if cluster_dns.is_empty() {
@@ -453,21 +411,24 @@ fn listen_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>, 
         }
         cluster_dns
             .iter()
-            .chain(args.local_ip.iter())
+            .chain(args.node.local_ip.iter())
             .map(|ip| SocketAddr::new(*ip, 53))
             .collect()
     } else {
-        args.listen
-            .iter()
-            .map(|s| parse_host_port(s, 53))
-            .collect::<Result<_, _>>()?
+        args.listen.clone()
     };
     if let Some(w) = listen.iter().find(|a| a.ip().is_unspecified()) {
-        return Err(ConfigError::Wildcard(w.ip()));
+        return Err(SettingsError::bound(
+            "--listen",
+            w,
+            "a specific address, not a wildcard: each address is bound exactly",
+        )
+        .into());
     }
     Ok(dedup(listen))
 }
 
+/// `--upstream`, else the ClusterIP(s) on port 53.
 fn upstream_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>, ConfigError> {
     let ups: Vec<SocketAddr> = if args.upstream.is_empty() {
         cluster_dns
@@ -475,15 +436,25 @@ fn upstream_addrs(args: &Args, cluster_dns: &[IpAddr]) -> Result<Vec<SocketAddr>
             .map(|ip| SocketAddr::new(*ip, 53))
             .collect()
     } else {
-        args.upstream
-            .iter()
-            .map(|s| parse_host_port(s, 53))
-            .collect::<Result<_, _>>()?
+        args.upstream.clone()
     };
     if ups.is_empty() {
         return Err(ConfigError::NoUpstream);
     }
     Ok(dedup(ups))
+}
+
+/// `--upstream-source`, else `NODE_IP`.
+fn upstream_source(args: &Args, env: &dyn Env) -> Result<Option<IpAddr>, ConfigError> {
+    if args.upstream_source.is_some() {
+        return Ok(args.upstream_source);
+    }
+    match env.var("NODE_IP") {
+        Some(v) => parse_ip(&v)
+            .map(Some)
+            .map_err(|e| SettingsError::invalid("NODE_IP", &v, e).into()),
+        None => Ok(None),
+    }
 }
 
 fn dedup(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -496,36 +467,116 @@ fn dedup(mut v: Vec<SocketAddr>) -> Vec<SocketAddr> {
     v
 }
 
-fn check_ranges(args: &Args) -> Result<(), ConfigError> {
+/// The first flag outside what the daemon honours, or contradicting another flag.
+fn check_bounds(args: &Args) -> Result<(), SettingsError> {
     let (min_slice, max_slice) = crate::sched::SLICE_RANGE;
-    let slice = args.udp_slice;
-    let checks: [(bool, &'static str, &'static str); 7] = [
+    let d = |d: Duration| format_duration(d);
+    let upstream_budget = args.upstream_timeout.saturating_mul(args.upstream_attempts);
+    let checks: [(bool, &'static str, String, String); 14] = [
         (
-            args.workers >= 1 && args.workers <= 64,
+            (1..=64).contains(&args.workers),
             "--workers",
-            "1..=64",
+            args.workers.to_string(),
+            "1..=64".into(),
         ),
-        (args.upstream_attempts >= 1, "--upstream-attempts", ">= 1"),
-        (args.max_concurrent >= 1, "--max-concurrent", ">= 1"),
+        (
+            args.upstream_attempts >= 1,
+            "--upstream-attempts",
+            args.upstream_attempts.to_string(),
+            "at least 1".into(),
+        ),
+        (
+            args.max_concurrent >= 1,
+            "--max-concurrent",
+            args.max_concurrent.to_string(),
+            "at least 1".into(),
+        ),
         (
             !args.upstream_timeout.is_zero(),
             "--upstream-timeout",
-            "> 0",
+            d(args.upstream_timeout),
+            "above 0".into(),
+        ),
+        (
+            upstream_budget < CLIENT_TIMEOUT,
+            "--upstream-timeout × --upstream-attempts",
+            format!(
+                "{} × {} = {}",
+                d(args.upstream_timeout),
+                args.upstream_attempts,
+                d(upstream_budget)
+            ),
+            format!(
+                "under {}, a client's resolv.conf timeout: past it the client has given up on the answer",
+                d(CLIENT_TIMEOUT)
+            ),
+        ),
+        (
+            !args.health_check_interval.is_zero(),
+            "--health-check-interval",
+            d(args.health_check_interval),
+            "above 0".into(),
+        ),
+        (
+            args.tcp_idle_timeout <= MAX_TCP_IDLE,
+            "--tcp-idle-timeout",
+            d(args.tcp_idle_timeout),
+            format!("at most {}", d(MAX_TCP_IDLE)),
+        ),
+        (
+            args.udp_coalesce <= MAX_UDP_COALESCE,
+            "--udp-coalesce",
+            d(args.udp_coalesce),
+            format!(
+                "at most {} (the latency it may add to an answer)",
+                d(MAX_UDP_COALESCE)
+            ),
+        ),
+        (
+            args.udp_slice.is_zero() || (min_slice..=max_slice).contains(&args.udp_slice),
+            "--udp-slice",
+            d(args.udp_slice),
+            format!("0 or {}..={}", d(min_slice), d(max_slice)),
+        ),
+        (
+            args.cache_success_min_ttl <= args.cache_success_max_ttl,
+            "--cache-success-min-ttl",
+            d(args.cache_success_min_ttl),
+            format!(
+                "at most --cache-success-max-ttl ({})",
+                d(args.cache_success_max_ttl)
+            ),
+        ),
+        (
+            args.cache_denial_min_ttl <= args.cache_denial_max_ttl,
+            "--cache-denial-min-ttl",
+            d(args.cache_denial_min_ttl),
+            format!(
+                "at most --cache-denial-max-ttl ({})",
+                d(args.cache_denial_max_ttl)
+            ),
         ),
         (
             args.prefetch_percent <= 100,
             "--prefetch-percent",
-            "0..=100",
+            args.prefetch_percent.to_string(),
+            "0..=100".into(),
         ),
-        (!args.sync_interval.is_zero(), "--sync-interval", "> 0"),
         (
-            slice.is_zero() || (min_slice..=max_slice).contains(&slice),
-            "--udp-slice",
-            "0 or 100us..=100ms",
+            !args.prefetch_window.is_zero(),
+            "--prefetch-window",
+            d(args.prefetch_window),
+            "above 0".into(),
+        ),
+        (
+            !args.sync_interval.is_zero(),
+            "--sync-interval",
+            d(args.sync_interval),
+            "above 0".into(),
         ),
     ];
-    match checks.iter().find(|(ok, _, _)| !ok) {
-        Some((_, name, rule)) => Err(ConfigError::Range { name, rule }),
+    match checks.into_iter().find(|(ok, ..)| !ok) {
+        Some((_, name, value, bound)) => Err(SettingsError::bound(name, value, bound)),
         None => Ok(()),
     }
 }
@@ -538,7 +589,7 @@ fn cache_config(args: &Args) -> CacheConfig {
         denial_capacity: args.cache_denial_capacity,
         denial_min_ttl: args.cache_denial_min_ttl,
         denial_max_ttl: args.cache_denial_max_ttl,
-        max_bytes: args.cache_max_bytes,
+        max_bytes: args.cache_max_bytes.unwrap_or_else(default_cache_max_bytes),
         stale_window: args.stale_window,
         stale_ttl: args.stale_ttl,
         prefetch_hits: args.prefetch_hits,
@@ -548,79 +599,62 @@ fn cache_config(args: &Args) -> CacheConfig {
     }
 }
 
-fn node_config(args: &Args, cluster_dns: &[IpAddr]) -> node_setup::NodeConfig {
-    let mut cfg = node_setup::NodeConfig::new(cluster_dns.to_vec());
-    cfg.interface = args.interface.clone();
-    cfg.local_ips = args.local_ip.clone();
-    cfg.backend = args.iptables_backend;
-    cfg.socket_match = args.socket_match;
+/// The node state to keep in place, unless `--no-node-setup`; it needs the ClusterIP.
+fn node_config(
+    args: &Args,
+    cluster_dns: &[IpAddr],
+) -> Result<Option<node_setup::NodeConfig>, ConfigError> {
+    if args.no_node_setup {
+        return Ok(None);
+    }
+    if cluster_dns.is_empty() {
+        return Err(SettingsError::NoClusterIp {
+            needed_for: "node setup (or give --no-node-setup)",
+        }
+        .into());
+    }
+    let mut cfg = args.node.node_config(cluster_dns);
     cfg.lock_path = args.setup_lock.clone();
-    cfg
-}
-
-/// Parses `IP`, `IP:PORT`, `[V6]` or `[V6]:PORT`.
-pub fn parse_host_port(s: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
-    let s = s.trim();
-    let err = || ConfigError::Address {
-        value: s.to_string(),
-    };
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, default_port));
-    }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(sa);
-    }
-    let inner = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .ok_or_else(err)?;
-    inner
-        .parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| err())
-}
-
-/// Parses `500ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 2s, 1m)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "us" => n / 1_000_000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    cfg.validate()
+        .map_err(|e| SettingsError::invalid("--interface", &cfg.interface, e))?;
+    Ok(Some(cfg))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use settings::MapEnv;
 
-    struct MapEnv(HashMap<&'static str, &'static str>);
-    impl Env for MapEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).map(|s| s.to_string())
-        }
+    /// Flags that make a config valid on loopback without any ClusterIP.
+    const LOOPBACK: [&str; 5] = [
+        "--no-node-setup",
+        "--listen",
+        "127.0.30.1",
+        "--upstream",
+        "127.0.30.2",
+    ];
+
+    fn args(argv: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("node-local-dns-resolver").chain(argv.iter().copied()))
     }
 
-    fn parse(argv: &[&str], env: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
-        let mut full = vec!["node-local-dns-resolver"];
-        full.extend_from_slice(argv);
-        let args = Args::try_parse_from(full).unwrap();
-        Config::from_args(args, &MapEnv(env.iter().copied().collect()))
+    fn parse(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let args = args(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        Config::from_args(args, &MapEnv::new(env.iter().copied()))
+    }
+
+    fn loopback_with(extra: &[&str]) -> Result<Config, ConfigError> {
+        let argv: Vec<&str> = LOOPBACK.iter().chain(extra).copied().collect();
+        parse(&argv, &[])
+    }
+
+    /// The refusal's flag and its text.
+    fn refusal(result: Result<Config, ConfigError>) -> (Option<&'static str>, String) {
+        match result {
+            Err(ConfigError::Setting(e)) => (e.name(), e.to_string()),
+            Err(other) => panic!("not a settings error: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
     }
 
     #[test]
@@ -642,52 +676,102 @@ mod tests {
         );
         assert_eq!(c.upstreams, vec!["10.96.0.10:53".parse().unwrap()]);
         assert_eq!(c.upstream_source, Some("192.168.1.5".parse().unwrap()));
-        assert!(c.node_setup.is_some());
+        assert_eq!(c.cluster_dns_source, Some(Source::KubeDnsSvcIp));
+        let node = c.node_setup.expect("node setup");
+        assert_eq!(node.cluster_dns, c.cluster_dns);
+        assert_eq!(node.lock_path, PathBuf::from(node_setup::DEFAULT_LOCK_PATH));
         assert_eq!(c.cache.success_capacity, 120_000);
     }
 
     #[test]
-    fn udp_slice_is_zero_or_a_slice_the_kernel_accepts() {
-        let base = [
-            "--no-node-setup",
-            "--listen",
-            "127.0.30.1",
-            "--upstream",
-            "127.0.30.2",
-        ];
-        let slice = |v: &str| {
-            let mut argv = base.to_vec();
-            argv.extend(["--udp-slice", v]);
-            parse(&argv, &[]).map(|c| c.udp_slice)
-        };
+    fn the_service_link_gives_the_clusterip_when_nothing_else_does() {
+        let c = parse(&[], &[("KUBE_DNS_SERVICE_HOST", "10.96.0.10")]).unwrap();
+        assert_eq!(c.cluster_dns, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.cluster_dns_source, Some(Source::KubeDnsServiceHost));
+        assert_eq!(c.upstreams, vec!["10.96.0.10:53".parse().unwrap()]);
+        let c = parse(
+            &["--cluster-dns", "10.96.0.11"],
+            &[("KUBE_DNS_SERVICE_HOST", "10.96.0.10")],
+        )
+        .unwrap();
+        assert_eq!(c.cluster_dns_source, Some(Source::Flag));
+        assert_eq!(c.upstreams, vec!["10.96.0.11:53".parse().unwrap()]);
+    }
+
+    #[test]
+    fn defaults_are_written_once_and_match_the_caches_own() {
+        let c = loopback_with(&[]).unwrap();
+        // CacheConfig::default (cache/mod.rs, used by the cache's tests and benches) repeats
+        // the flags' defaults; this keeps the two equal.
         assert_eq!(
-            parse(&base, &[]).unwrap().udp_slice,
+            format!("{:?}", c.cache),
+            format!("{:?}", CacheConfig::default())
+        );
+        assert_eq!(c.cache.max_bytes, default_cache_max_bytes());
+    }
+
+    #[test]
+    fn cache_max_bytes_takes_sizes() {
+        for (v, bytes) in [
+            ("64MiB", 64 << 20),
+            ("1GiB", 1 << 30),
+            ("256M", 256_000_000),
+            ("4096", 4096),
+        ] {
+            let c = loopback_with(&["--cache-max-bytes", v]).unwrap();
+            assert_eq!(c.cache.max_bytes, bytes, "{v}");
+        }
+        let err = args(&["--cache-max-bytes", "64 mb"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--cache-max-bytes") && err.contains("64MiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_take_the_shared_grammar() {
+        let c = loopback_with(&["--stale-window", "1.5h", "--prefetch-window", "1m30s"]).unwrap();
+        assert_eq!(c.cache.stale_window, Duration::from_secs(5400));
+        assert_eq!(c.cache.prefetch_window, Duration::from_secs(90));
+        let err = args(&["--upstream-timeout", "3parsecs"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--upstream-timeout") && err.contains("1m30s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn udp_slice_is_zero_or_a_slice_the_kernel_accepts() {
+        assert_eq!(
+            loopback_with(&[]).unwrap().udp_slice,
             Duration::from_micros(100)
         );
-        assert_eq!(slice("0").unwrap(), Duration::ZERO);
-        assert_eq!(slice("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(
+            loopback_with(&["--udp-slice", "0"]).unwrap().udp_slice,
+            Duration::ZERO
+        );
+        assert_eq!(
+            loopback_with(&["--udp-slice", "2ms"]).unwrap().udp_slice,
+            Duration::from_millis(2)
+        );
         for bad in ["50us", "101ms"] {
-            match slice(bad) {
-                Err(ConfigError::Range { name, .. }) => assert_eq!(name, "--udp-slice"),
-                other => panic!("{bad}: {other:?}"),
-            }
+            let (name, text) = refusal(loopback_with(&["--udp-slice", bad]));
+            assert_eq!(name, Some("--udp-slice"), "{bad}");
+            assert!(
+                text.contains(bad) && text.contains("0 or 100us..=100ms"),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn threads_are_a_count_or_one_per_cpu() {
-        let threads = |v: &str| {
-            let argv = [
-                "node-local-dns-resolver",
-                "--listen",
-                "127.0.30.1",
-                "--threads",
-                v,
-            ];
-            Args::try_parse_from(argv).map(|a| a.threads)
-        };
-        let default = Args::try_parse_from(["node-local-dns-resolver"]).unwrap();
-        assert_eq!(default.threads, UdpThreads::Fixed(1));
+        let threads = |v: &str| args(&["--threads", v]).map(|a| a.threads);
+        assert_eq!(args(&[]).unwrap().threads, UdpThreads::Fixed(1));
         assert_eq!(threads("4").unwrap(), UdpThreads::Fixed(4));
         assert_eq!(threads("auto").unwrap(), UdpThreads::PerCpu);
         assert_eq!(threads("AUTO").unwrap(), UdpThreads::PerCpu);
@@ -719,49 +803,190 @@ mod tests {
         );
         assert_eq!(c.upstreams, vec!["127.0.30.2:1053".parse().unwrap()]);
         assert!(c.node_setup.is_none());
+        assert_eq!(c.cluster_dns_source, None);
     }
 
     #[test]
-    fn bad_input_is_a_clear_error() {
-        assert_eq!(parse(&[], &[]).unwrap_err(), ConfigError::NoListen);
-        assert!(matches!(
-            parse(&["--listen", "0.0.0.0", "--upstream", "1.1.1.1"], &[]),
-            Err(ConfigError::Wildcard(_))
-        ));
-        assert!(matches!(
-            parse(&["--listen", "nonsense:53", "--upstream", "1.1.1.1"], &[]),
-            Err(ConfigError::Address { .. })
-        ));
-        assert!(matches!(
-            parse(&[], &[("KUBE_DNS_SVC_IP", "x")]),
-            Err(ConfigError::KubeDnsIp(_))
-        ));
-        assert!(Args::try_parse_from(["x", "--upstream-timeout", "3parsecs"]).is_err());
+    fn bad_addresses_name_their_flag() {
+        for (argv, flag, value) in [
+            (["--listen", "notanip"], "--listen", "notanip"),
+            (["--upstream", "1.2.3.4:99999"], "--upstream", "99999"),
+            (
+                ["--cluster-dns", "10.96.0.300"],
+                "--cluster-dns",
+                "10.96.0.300",
+            ),
+        ] {
+            let err = args(&argv).unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains(value), "{argv:?}: {err}");
+        }
+        // An explicit --upstream is checked even when --listen is what is missing.
+        let err = args(&["--upstream", "1.2.3.4:99999"])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("no listen address"), "{err}");
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("5d").is_err());
+    fn missing_addresses_name_every_source() {
+        let no_listen = parse(&[], &[]).unwrap_err();
+        assert_eq!(no_listen, ConfigError::NoListen);
+        let no_upstream = parse(&["--listen", "127.0.30.1"], &[]).unwrap_err();
+        assert_eq!(no_upstream, ConfigError::NoUpstream);
+        for text in [no_listen.to_string(), no_upstream.to_string()] {
+            for source in ["--cluster-dns", "KUBE_DNS_SVC_IP", "KUBE_DNS_SERVICE_HOST"] {
+                assert!(text.contains(source), "{text}");
+            }
+        }
+        let err = parse(&["--listen", "127.0.30.1", "--upstream", "127.0.30.2"], &[]).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Setting(SettingsError::NoClusterIp { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--no-node-setup"), "{err}");
     }
 
     #[test]
-    fn tcp_idle_timeout_is_capped_at_ten_seconds() {
+    fn bad_environment_names_the_variable() {
+        for (var, value) in [
+            ("KUBE_DNS_SVC_IP", "x"),
+            ("KUBE_DNS_SVC_IP", "10.96.0.10,10.96.0.11"),
+            ("KUBE_DNS_SERVICE_HOST", "kube-dns"),
+        ] {
+            let (name, text) = refusal(parse(&[], &[(var, value)]));
+            assert_eq!(name, Some(var), "{text}");
+            assert!(text.contains(value), "{text}");
+        }
+        let (name, text) = refusal(parse(&LOOPBACK, &[("NODE_IP", "node-1")]));
+        assert_eq!(name, Some("NODE_IP"));
+        assert!(text.contains("\"node-1\""), "{text}");
+    }
+
+    #[test]
+    fn contradictions_are_refused_naming_the_flag_value_and_bound() {
+        for (extra, flag, says) in [
+            (&["--listen", "0.0.0.0"][..], "--listen", "wildcard"),
+            (
+                &["--cluster-dns", "10.96.0.10,10.96.0.11"],
+                "--cluster-dns",
+                "two IPv4 addresses",
+            ),
+            (
+                &["--tcp-idle-timeout", "60s"],
+                "--tcp-idle-timeout",
+                "60s: must be at most 10s",
+            ),
+            (
+                &["--udp-coalesce", "2ms"],
+                "--udp-coalesce",
+                "2ms: must be at most 1ms",
+            ),
+            (
+                &["--upstream-timeout", "5s"],
+                "--upstream-timeout × --upstream-attempts",
+                "5s × 2 = 10s: must be under 5s",
+            ),
+            (
+                &["--upstream-timeout", "2s", "--upstream-attempts", "3"],
+                "--upstream-timeout × --upstream-attempts",
+                "2s × 3 = 6s",
+            ),
+            (
+                &["--upstream-timeout", "0"],
+                "--upstream-timeout",
+                "0s: must be above 0",
+            ),
+            (
+                &["--upstream-attempts", "0"],
+                "--upstream-attempts",
+                "0: must be at least 1",
+            ),
+            (&["--max-concurrent", "0"], "--max-concurrent", "at least 1"),
+            (&["--workers", "0"], "--workers", "1..=64"),
+            (
+                &["--health-check-interval", "0s"],
+                "--health-check-interval",
+                "above 0",
+            ),
+            (&["--sync-interval", "0s"], "--sync-interval", "above 0"),
+            (&["--prefetch-window", "0s"], "--prefetch-window", "above 0"),
+            (
+                &["--cache-success-min-ttl", "60s"],
+                "--cache-success-min-ttl",
+                "60s: must be at most --cache-success-max-ttl (30s)",
+            ),
+            (
+                &["--cache-denial-max-ttl", "500ms"],
+                "--cache-denial-min-ttl",
+                "1s: must be at most --cache-denial-max-ttl (500ms)",
+            ),
+            (
+                &["--prefetch-percent", "101"],
+                "--prefetch-percent",
+                "101: must be 0..=100",
+            ),
+        ] {
+            let (name, text) = refusal(loopback_with(extra));
+            assert_eq!(name, Some(flag), "{extra:?}: {text}");
+            assert!(
+                text.starts_with(flag) && text.contains(says),
+                "{extra:?}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_at_the_bounds_are_accepted() {
+        let c = loopback_with(&[
+            "--tcp-idle-timeout",
+            "10s",
+            "--udp-coalesce",
+            "1ms",
+            "--upstream-timeout",
+            "2.4s",
+            "--cache-success-min-ttl",
+            "30s",
+            "--prefetch-percent",
+            "100",
+            "--cluster-dns",
+            "10.96.0.10,fd00::a",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp_idle_timeout, MAX_TCP_IDLE);
+        assert_eq!(c.udp_coalesce, MAX_UDP_COALESCE);
+        assert_eq!(c.cluster_dns.len(), 2);
+    }
+
+    #[test]
+    fn node_setup_carries_the_node_flags_and_checks_them() {
         let c = parse(
             &[
-                "--listen",
-                "127.0.0.1",
-                "--upstream",
-                "127.0.0.2",
-                "--tcp-idle-timeout",
-                "60s",
+                "--cluster-dns",
+                "10.96.0.10",
+                "--interface",
+                "nld0",
+                "--socket-match",
+                "nowildcard",
+                "--setup-lock",
+                "/tmp/x.lock",
             ],
             &[],
         )
         .unwrap();
-        assert_eq!(c.tcp_idle_timeout, MAX_TCP_IDLE);
+        let node = c.node_setup.unwrap();
+        assert_eq!(node.interface, "nld0");
+        assert_eq!(node.socket_match, node_setup::SocketMatch::NoWildcard);
+        assert_eq!(node.lock_path, PathBuf::from("/tmp/x.lock"));
+        let (name, text) = refusal(parse(
+            &[
+                "--cluster-dns",
+                "10.96.0.10",
+                "--interface",
+                "a-name-longer-than-15",
+            ],
+            &[],
+        ));
+        assert_eq!(name, Some("--interface"));
+        assert!(text.contains("a-name-longer-than-15"), "{text}");
     }
 }

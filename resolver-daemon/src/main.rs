@@ -1,23 +1,27 @@
-use anyhow::Context;
-use clap::Parser;
-use resolver::config::{Args, Config, LogFormat, ProcessEnv};
+use std::process::ExitCode;
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+use anyhow::Context;
+use resolver::config::{Args, Config, ProcessEnv};
+use settings::logging::{init_logging, log_fatal};
+
+fn main() -> ExitCode {
+    let args: Args = settings::cli::parse();
+    // Logging first, so that even a refused configuration is reported in --log-format.
+    init_logging(args.log_format);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log_fatal(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn run(args: Args) -> anyhow::Result<()> {
     let cfg = Config::from_args(args, &ProcessEnv).context("invalid configuration")?;
-    init_logging(cfg.log_format);
+    if let Some(source) = cfg.cluster_dns_source {
+        tracing::info!(ips = ?cfg.cluster_dns, source = source.name(), "kube-dns ClusterIP");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.workers)
         .on_thread_start(resolver::sched::lower_priority_of_this_thread)

@@ -107,3 +107,115 @@ fn random_garbage_neither_crashes_nor_stalls_it() {
     let ok = tcp_ask(d.dns, &query(77, "alive.example", 1, None));
     assert_eq!(id_of(&ok), 77);
 }
+
+// ---------------------------------------------------------------- bad settings at start
+
+/// The daemon started with `args` and `env` only (no inherited settings); its stderr.
+fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} {env:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const LOOPBACK: [&str; 5] = [
+    "--no-node-setup",
+    "--listen",
+    "127.0.30.90",
+    "--upstream",
+    "127.0.30.91",
+];
+
+#[test]
+fn contradicting_settings_are_refused_at_start_in_one_line_naming_the_flag() {
+    for (extra, says) in [
+        (
+            &["--tcp-idle-timeout", "60s"][..],
+            "--tcp-idle-timeout 60s: must be at most 10s",
+        ),
+        (
+            &["--upstream-timeout", "5s"],
+            "--upstream-timeout × --upstream-attempts 5s × 2 = 10s",
+        ),
+        (
+            &["--cache-success-min-ttl", "60s"],
+            "--cache-success-min-ttl 60s",
+        ),
+        (
+            &["--cluster-dns", "10.96.0.10,10.96.0.11"],
+            "--cluster-dns \"10.96.0.10,10.96.0.11\"",
+        ),
+    ] {
+        let args: Vec<&str> = LOOPBACK.iter().chain(extra).copied().collect();
+        let err = refused_start(&args, &[]);
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(
+            !err.contains('\x1b'),
+            "colour codes off a terminal: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_values_name_the_flag_or_variable_they_came_from() {
+    let err = refused_start(&["--listen", "notanip"], &[]);
+    assert!(err.contains("--listen") && err.contains("notanip"), "{err}");
+    let err = refused_start(&["--upstream", "1.2.3.4:99999"], &[]);
+    assert!(err.contains("--upstream") && err.contains("99999"), "{err}");
+    assert!(!err.contains("no listen address"), "{err}");
+    let err = refused_start(&LOOPBACK, &[("NODE_LOCAL_DNS_THREADS", "0")]);
+    assert!(err.contains("NODE_LOCAL_DNS_THREADS \"0\""), "{err}");
+    assert!(!err.contains("--threads"), "{err}");
+    let err = refused_start(&[], &[("KUBE_DNS_SERVICE_HOST", "kube-dns")]);
+    assert!(err.contains("KUBE_DNS_SERVICE_HOST \"kube-dns\""), "{err}");
+    let err = refused_start(&[], &[]);
+    for source in ["--cluster-dns", "KUBE_DNS_SVC_IP", "KUBE_DNS_SERVICE_HOST"] {
+        assert!(err.contains(source), "{source}: {err}");
+    }
+}
+
+#[test]
+fn a_refused_start_is_logged_in_the_chosen_format() {
+    let args: Vec<&str> = LOOPBACK
+        .iter()
+        .chain(&["--tcp-idle-timeout", "60s"])
+        .copied()
+        .collect();
+    let err = refused_start(&args, &[("NODE_LOCAL_DNS_LOG_FORMAT", "json")]);
+    let line: serde_json::Value = serde_json::from_str(err.trim_end())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {err}"));
+    assert_eq!(line["level"], "ERROR");
+    let message = line["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--tcp-idle-timeout 60s"), "{message}");
+
+    // A value the command line parser refuses, as from a ConfigMap: JSON too.
+    let err = refused_start(
+        &LOOPBACK,
+        &[
+            ("NODE_LOCAL_DNS_LOG_FORMAT", "json"),
+            ("NODE_LOCAL_DNS_THREADS", "0"),
+        ],
+    );
+    let line: serde_json::Value = serde_json::from_str(err.trim_end())
+        .unwrap_or_else(|e| panic!("not one JSON line ({e}): {err}"));
+    let message = line["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("NODE_LOCAL_DNS_THREADS \"0\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn sizes_take_units() {
+    // 64MiB is accepted: the daemon starts and answers.
+    let script: Arc<Script> =
+        Arc::new(|q: &[u8]| vec![Step::Reply(reply_to(q, 0, &[[192, 0, 2, 1]], 300, false))]);
+    let up = FakeUpstream::start(sa(93, UP_PORT), script, None);
+    let d = Daemon::start(92, &[up.addr], &["--cache-max-bytes", "64MiB"]);
+    still_answers(&d);
+}

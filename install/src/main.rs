@@ -1,5 +1,7 @@
 //! `node-local-dns-install`: wires the process (flags, env, signals, logs) to the library.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{Sender, channel};

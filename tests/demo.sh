@@ -3,7 +3,8 @@
 #   sh tests/demo.sh [--legacy|--nft] [--podman|--containerd]
 # Installs the system packages the simulated node needs, a stable Rust toolchain when cargo is
 # missing (Debian 12's rustc is too old for edition 2024), builds the workspace and runs the
-# demo. Everything it creates (network namespaces, processes, mounts) is removed at the end.
+# demo. Everything it creates (network namespaces, processes, mounts) is removed at the end,
+# also when it is interrupted with Ctrl-C or SIGTERM.
 set -eu
 cd "$(dirname "$0")/.."
 

@@ -5,17 +5,17 @@
 #
 #   resolver-daemon/bench/busy-cpu-latency.sh [ROUNDS] [QPS] [WORKLOAD]
 #
-# Needs ../shared/bench set up and run once (its data dir holds the query files and the
-# rendered knotd config) and the release binary. Placement as the harness: generator and
+# Needs bench/run.sh set up and run once (its data dir holds the query files and the
+# rendered knotd config) and the release binary. Placement as the driver: generator and
 # upstream on CPU 0, server (and the busy loop) on CPU 1. Only processes it started are ended.
 set -euo pipefail
 ROUNDS=${1:-5}; QPS=${2:-5000}; WL=${3:-hot}; SECS=${SECS:-5}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${NLD_BIN:-$HERE/../../target/release/node-local-dns-resolver}
-DATA=${PEERBENCH_DATA:-$HOME/.cache/peerbench}
+DATA=${BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/node-local-dns-bench}
 Q=$DATA/queries/$WL.txt
 [[ -f $Q && -f $DATA/run/upstream/knot.conf ]] ||
-  { echo "run ../shared/bench/peerbench.sh once first" >&2; exit 1; }
+  { echo "run bench/run.sh -p unbound-1t -w $WL -r 1 first (it renders the configs this script reuses)" >&2; exit 1; }
 OUT=$(mktemp)
 
 pids=()

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Exact server CPU per answer at a fixed rate, from the scheduler's task clock (perf stat),
-# next to the harness's tick-sampled utime+stime (/proc clock ticks: 10 ms each).
+# next to utime+stime sampled in /proc clock ticks (10 ms each, what the earlier external harness used).
 #
 #   [THREADS=2] resolver-daemon/bench/cpu-taskclock.sh [ROUNDS] [QPS] [WORKLOAD]
 #
-# Needs ../shared/bench set up and run once (its data dir holds the query files and the
+# Needs bench/run.sh set up and run once (its data dir holds the query files and the
 # rendered knotd config), perf, and the release binary in target/release. Same placement as
-# the harness: generator and upstream on CPU 0, server on CPU 1. Peers: unbound, ours.
-# THREADS=2 is the harness's 2t placement: the server on CPUs 0,1 (shared with the
+# the driver: generator and upstream on CPU 0, server on CPU 1. Peers: unbound, ours.
+# THREADS=2 is the driver's 2t placement: the server on CPUs 0,1 (shared with the
 # generator), unbound with 2 threads, ours with --threads auto (one pinned thread per CPU).
-# WITH_KNOTD=1 adds authoritative knotd-auth (DESIGN.md §6's floor; run the harness with it
+# WITH_KNOTD=1 adds authoritative knotd-auth (docs/design.md §6's floor; run bench/run.sh with it
 # once). Each line also gives the machine's function-call IPIs a second (cross-CPU wake-ups
 # of an idle CPU), from /proc/interrupts, and the time the hypervisor stole from both vCPUs
 # (task clock counts it as run time, ticks mostly do not: discard a round with much steal).
@@ -17,7 +17,7 @@ set -euo pipefail
 ROUNDS=${1:-3}; QPS=${2:-20000}; WL=${3:-hot}; SECS=${SECS:-4}
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${NLD_BIN:-$HERE/../../target/release/node-local-dns-resolver}
-DATA=${PEERBENCH_DATA:-$HOME/.cache/peerbench}
+DATA=${BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/node-local-dns-bench}
 Q=$DATA/queries/$WL.txt
 THREADS=${THREADS:-1}
 case $THREADS in
@@ -27,7 +27,7 @@ case $THREADS in
 esac
 UNBOUND_CONF=$DATA/run/unbound-${THREADS}t/unbound.conf
 [[ -f $Q && -f $DATA/run/upstream/knot.conf && -f $UNBOUND_CONF ]] ||
-  { echo "run ../shared/bench/peerbench.sh with unbound-${THREADS}t first" >&2; exit 1; }
+  { echo "run bench/run.sh -p unbound-${THREADS}t -w $WL -r 1 first (it renders the configs this script reuses)" >&2; exit 1; }
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -66,7 +66,7 @@ steal_ticks() { awk '$1 == "cpu" { print $9 }' /proc/stat; }
 function_call_ipis() { awk '$1 == "CAL:" { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n }' /proc/interrupts; }
 
 SHM_OUT=$(mktemp)
-for r in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
   measure unbound 127.0.0.10 unbound -d -c "$UNBOUND_CONF"
   if [[ ${WITH_KNOTD:-0} = 1 ]]; then
     measure knotd-auth 127.0.0.3 knotd -c "$DATA/run/knotd-auth/knot.conf"

@@ -96,7 +96,7 @@ fn background_refreshes_start_no_faster_than_the_prefetch_rate() {
     );
 }
 
-/// With the seed's short clamps an entry lives a few seconds, so a name asked steadily gets
+/// With the Deckhouse module's short clamps an entry lives a few seconds, so a name asked steadily gets
 /// only ~10 hits per entry. Its popularity must carry over to the refreshed entry, or it
 /// drops below the prefetch threshold, expires, and a client waits for the upstream.
 #[test]
@@ -150,7 +150,7 @@ fn steadily_asked_names_with_short_ttls_never_expire() {
 #[test]
 fn popular_names_stay_cached_through_a_pause_and_then_expire() {
     let up = answering(sa(73, UP_PORT), [192, 0, 2, 73]);
-    // 5 s entries (the seed's denial clamp): the sweep claims them in their last 6–12 %.
+    // 5 s entries (the Deckhouse module's denial clamp): the sweep claims them in their last 6–12 %.
     let d = Daemon::start(
         72,
         &[up.addr],

@@ -1,4 +1,4 @@
-//! Root test: the DESIGN.md §1 topology in private network namespaces, on both iptables
+//! Root test: the docs/design.md §1 topology in private network namespaces, on both iptables
 //! backends. A "pod" namespace queries the kube-dns ClusterIP; in the "node" namespace the
 //! daemon holds ClusterIP:53 on a node-local interface behind the raw NOTRACK rules, and
 //! forwards misses to that same ClusterIP, which kube-proxy-style nat DNAT sends to a
@@ -153,7 +153,7 @@ impl Topology {
         }
     }
 
-    /// The node-local interface and DESIGN.md §1 raw rules, as node setup would make them.
+    /// The node-local interface and docs/design.md §1 raw rules, as node setup would make them.
     fn cache_rules(&self, bin: &str) {
         let n = self.node.as_str();
         run(&[
@@ -336,7 +336,7 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
     );
 
     // The daemon's upstream query left from the node IP, never from the ClusterIP it listens
-    // on (DESIGN.md §1: that source is dropped as martian across nodes).
+    // on (docs/design.md §1: that source is dropped as martian across nodes).
     let flows = output(&[
         "ip",
         "netns",

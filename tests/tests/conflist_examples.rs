@@ -1,4 +1,4 @@
-//! The bridge-based conflist-examples under real runtimes (issue 4): the installer turns the
+//! The bridge-based conflist-examples under real runtimes: the installer turns the
 //! example without our entry into the one with it, and pods started by containerd and podman
 //! with that conflist get their IP from the example's range, get the node state set up by our
 //! plugin, resolve through the cache, and are removed cleanly (DEL releases the IP).

@@ -1,4 +1,4 @@
-//! The end-to-end tests of issue 5 on the simulated node: podman pods (bridge conflist with
+//! The end-to-end tests on the simulated node: podman pods (bridge conflist with
 //! our entry chained by node-local-dns-install), the daemon as its DaemonSet runs it, two knotd
 //! cluster DNS pods behind kube-proxy's DNAT. Every test runs once per iptables backend.
 //! They are serialised: the load tests need the two cores to themselves to keep ≥ 500 q/s.
@@ -194,7 +194,7 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
         "load generator kept ≥ 500 q/s: {}",
         describe(&report)
     );
-    // DESIGN.md: the query in the socket's queue at the kill can be lost (a timeout), and so
+    // docs/design.md §1: the query in the socket's queue at the kill can be lost (a timeout), and so
     // can one sent while the process was exiting that passed the `-m socket` rule just before
     // the socket closed (an ICMP refusal): at most one per query sent while it died, plus the
     // queued one. Only at the kill: losses later would mean conntrack entries pinning
@@ -388,8 +388,8 @@ fn wildcard_listener_does_not_capture(backend: Backend) {
     assert!(report.answered >= 400);
 }
 
-/// The control for test 6: the seed's `--nowildcard` rule lets the same dnsmasq capture pod
-/// DNS (DESIGN.md §1), so the test above can tell the two apart.
+/// The control for test 6: the Deckhouse module's `--nowildcard` rule lets the same dnsmasq capture pod
+/// DNS (docs/design.md §1), so the test above can tell the two apart.
 fn nowildcard_rule_is_captured(backend: Backend) {
     let report = pod_dns_with_wildcard_listener(backend, "nowildcard");
     eprintln!(

@@ -1,4 +1,4 @@
-//! The CNI plugin under real runtimes (issue 3 "Real runtimes"): containerd (`ctr run --cni`)
+//! The CNI plugin under real runtimes: containerd (`ctr run --cni`)
 //! and podman (CNI backend) × cniVersion 0.3.1, 0.4.0, 1.0.0, with the conflist
 //! [bridge + host-local, node-local-dns, portmap]. The container starts and gets its IP, the
 //! node state is in place (once), and stop/remove run DEL cleanly (IPAM released, node state

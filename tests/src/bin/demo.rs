@@ -2,24 +2,139 @@
 //! a podman pod with the conflist node-local-dns-install produced, the daemon as its
 //! DaemonSet runs it) and narrates what happens to the pod's DNS: served locally, the daemon
 //! killed and DNS still working through kube-proxy, the daemon back.
+//!
+//! Ctrl-C and SIGTERM clean up as a finished run does. The process started from the shell
+//! only supervises: it runs the demo as a child in a process group of its own, so the
+//! terminal's SIGINT reaches neither the demo's knotd, containerd, podman and mount-namespace
+//! holder (which would die half-way, leaving containers that can no longer be removed) nor
+//! the demo itself, and forwards SIGINT/SIGTERM to the child as SIGTERM. The child stops at
+//! the next step and drops the simulated node, which removes everything it started.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::{SigSet, Signal};
 use simnode::dns::{LoadSpec, PortMode, TYPE_A, query_udp, spawn_load};
 use simnode::netns::in_netns;
 use simnode::{Backend, Pod, Runtime, SimNode, SimOptions};
 
 const NAME: &str = "web.default.svc.cluster.local";
 
-fn main() -> Result<()> {
+/// Set in the supervised child's environment; its presence makes the process the demo itself.
+const CHILD_ENV: &str = "NODE_LOCAL_DNS_DEMO_CHILD";
+
+/// Set once SIGINT or SIGTERM arrived; every step checks it before it starts.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Returned by [`step`] after a signal, so `run` unwinds and drops the simulated node.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+fn main() -> ExitCode {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        demo_child()
+    } else {
+        supervise()
+    }
+}
+
+/// SIGINT and SIGTERM, blocked in the calling thread (and the threads it starts later) so
+/// that only a thread calling `wait` on this set receives them.
+fn block_stop_signals() -> Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    Ok(set)
+}
+
+/// Runs the demo as a child in its own process group and forwards SIGINT/SIGTERM to it.
+/// std's `Command` resets the signal mask in the child, so blocking here does not leak.
+fn supervise() -> ExitCode {
+    let started = block_stop_signals().and_then(|set| {
+        let exe = std::env::current_exe().context("locating the demo binary")?;
+        let child = Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(CHILD_ENV, "1")
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the demo")?;
+        Ok((set, child))
+    });
+    let (set, mut child) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || {
+        while set.wait().is_ok() {
+            // The child is ours and still unreaped (main waits for it), so the PID is its.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        }
+    });
+    match child.wait() {
+        Ok(status) => status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .map_or(ExitCode::FAILURE, ExitCode::from),
+        Err(e) => {
+            eprintln!("error: waiting for the demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The demo itself: a signal sets [`INTERRUPTED`]; `run` returns at its next step and the
+/// simulated node is dropped (namespaces, knotd, containers, containerd, mounts) before
+/// this function reports.
+fn demo_child() -> ExitCode {
+    match block_stop_signals() {
+        Ok(set) => {
+            std::thread::spawn(move || {
+                if set.wait().is_ok() {
+                    INTERRUPTED.store(true, Ordering::SeqCst);
+                    println!(
+                        "\n==> Interrupted: stopping after the current step and removing everything the demo started."
+                    );
+                }
+            });
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => {
+            println!(
+                "\n==> Cleaned up: every namespace, process and mount the demo started is gone."
+            );
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let (backend, runtime) = parse_args()?;
-    say(&format!(
+    step(&format!(
         "Building a simulated node: network namespaces, kube-proxy (iptables-{}) DNAT for kube-dns 10.96.0.10, two knotd cluster DNS pods, {}.",
         backend.name(),
         runtime.name()
-    ));
+    ))?;
     let mut opts = SimOptions::new(backend);
     opts.runtime = runtime;
     let mut sim = SimNode::new(opts).context("building the simulated node")?;
@@ -28,20 +143,22 @@ fn main() -> Result<()> {
         .as_array()
         .map(|p| p.iter().filter_map(|e| e["type"].as_str()).collect())
         .unwrap_or_default();
-    say(&format!(
+    step(&format!(
         "node-local-dns-install chained the plugin into the bridge conflist: {}",
         chain.join(" → ")
-    ));
+    ))?;
     let dopts = sim.daemon_options();
     sim.start_daemon(dopts)
         .context("starting node-local-dns-resolver")?;
-    say("The resolver daemon runs with hostNetwork, bound to 10.96.0.10:53 and 169.254.20.10:53.");
+    step(
+        "The resolver daemon runs with hostNetwork, bound to 10.96.0.10:53 and 169.254.20.10:53.",
+    )?;
     let pod = sim.run_pod("default").context("starting a pod")?;
-    say(&format!(
+    step(&format!(
         "Pod {} started by {}, resolv.conf as the kubelet writes it:",
         pod.id,
         runtime.name()
-    ));
+    ))?;
     for line in pod.resolv_conf()?.lines() {
         println!("      {line}");
     }
@@ -50,7 +167,7 @@ fn main() -> Result<()> {
     served_locally(&mut sim, &pod)?;
     killed_falls_back(&mut sim, &pod)?;
     back_again(&mut sim, &pod)?;
-    say("Done: cleaning up every namespace and process the demo started.");
+    step("Done: cleaning up every namespace and process the demo started.")?;
     Ok(())
 }
 
@@ -71,8 +188,13 @@ fn parse_args() -> Result<(Backend, Runtime)> {
     Ok((backend, runtime))
 }
 
-fn say(text: &str) {
+/// Prints the next step's headline, or stops the demo when a signal arrived.
+fn step(text: &str) -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Interrupted.into());
+    }
     println!("\n==> {text}");
+    Ok(())
 }
 
 fn cluster_dns() -> SocketAddr {
@@ -125,7 +247,7 @@ fn median(mut v: Vec<u128>) -> u128 {
 }
 
 fn served_locally(sim: &mut SimNode, pod: &Pod) -> Result<()> {
-    say("1. The pod looks up `web` (glibc, search path, ndots:5):");
+    step("1. The pod looks up `web` (glibc, search path, ndots:5):")?;
     let out = pod.exec_host_tool(&["getent", "ahostsv4", "web"])?;
     println!("      {}", out.lines().next().unwrap_or(""));
     let (miss, hit) = miss_then_hit(pod)?;
@@ -166,7 +288,7 @@ fn load() -> LoadSpec {
 }
 
 fn killed_falls_back(sim: &mut SimNode, pod: &Pod) -> Result<()> {
-    say("2. kill -9 the daemon while the pod sends 500 queries/s:");
+    step("2. kill -9 the daemon while the pod sends 500 queries/s:")?;
     let upstream_before = sim.node.upstream_queries_for(NAME)?;
     let run = spawn_load(pod.netns(), load());
     std::thread::sleep(Duration::from_secs(1));
@@ -197,7 +319,7 @@ fn killed_falls_back(sim: &mut SimNode, pod: &Pod) -> Result<()> {
 }
 
 fn back_again(sim: &mut SimNode, pod: &Pod) -> Result<()> {
-    say("3. The daemon comes back (as the DaemonSet restarts it):");
+    step("3. The daemon comes back (as the DaemonSet restarts it):")?;
     let dopts = sim.daemon_options();
     sim.start_daemon(dopts)?;
     latencies(pod, 1)?;

@@ -21,17 +21,17 @@ const SRCNAT: i32 = 100;
 const MASQ_MARK: &str = "0x4000";
 
 /// One chain attached to a netfilter hook and the jumps it holds.
-pub struct BaseChain {
-    pub name: &'static str,
-    pub kind: &'static str,
-    pub hook: &'static str,
-    pub priority: i32,
+struct BaseChain {
+    name: &'static str,
+    kind: &'static str,
+    hook: &'static str,
+    priority: i32,
     rules: &'static [&'static str],
 }
 
 /// kube-proxy's base chains: filtering on the pre-DNAT destination (firewall, services without
 /// endpoints) before DNAT, the check for unknown ClusterIP ports after it, and the nat hooks.
-pub const BASE_CHAINS: [BaseChain; 8] = [
+const BASE_CHAINS: [BaseChain; 8] = [
     BaseChain {
         name: "filter-prerouting",
         kind: "filter",
@@ -420,21 +420,21 @@ mod tests {
             let json = ns
                 .exec("nft", &["-j", "list", "table", family, TABLE])
                 .expect("nft -j list");
-            let base = base_chains(&json);
-            let want: BTreeMap<String, (String, String, i64)> = BASE_CHAINS
-                .iter()
-                .map(|c| {
-                    let at = (
-                        c.kind.to_string(),
-                        c.hook.to_string(),
-                        i64::from(c.priority),
-                    );
-                    (c.name.to_string(), at)
-                })
-                .collect();
-            assert_eq!(base, want, "{family}");
-            assert_eq!(want["nat-output"].2, -100, "dstnat");
-            assert_eq!(want["filter-output-post-dnat"].2, -90, "dstnat+10");
+            // As kube-proxy attaches them: dstnat is -100, srcnat 100.
+            let want: BTreeMap<String, (String, String, i64)> = [
+                ("filter-prerouting", "filter", "prerouting", -110),
+                ("filter-input", "filter", "input", -110),
+                ("filter-forward", "filter", "forward", -110),
+                ("filter-output", "filter", "output", -110),
+                ("filter-output-post-dnat", "filter", "output", -90),
+                ("nat-prerouting", "nat", "prerouting", -100),
+                ("nat-output", "nat", "output", -100),
+                ("nat-postrouting", "nat", "postrouting", 100),
+            ]
+            .into_iter()
+            .map(|(name, kind, hook, prio)| (name.into(), (kind.into(), hook.into(), prio)))
+            .collect();
+            assert_eq!(base_chains(&json), want, "{family}");
 
             let listing = ns
                 .exec("nft", &["list", "table", family, TABLE])

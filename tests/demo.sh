@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="build-essential ca-certificates curl pkg-config iptables iproute2 conntrack dnsutils \
+PACKAGES="build-essential ca-certificates curl pkg-config iptables nftables iproute2 conntrack dnsutils \
 knot knot-dnsutils podman containerd runc containernetworking-plugins busybox-static \
 dnsmasq-base util-linux"
 if command -v apt-get >/dev/null; then

@@ -1,8 +1,8 @@
-//! Root test: the docs/design.md §1 topology in private network namespaces, on both iptables
-//! backends. A "pod" namespace queries the kube-dns ClusterIP; in the "node" namespace the
-//! daemon holds ClusterIP:53 on a node-local interface behind the raw NOTRACK rules, and
-//! forwards misses to that same ClusterIP, which kube-proxy-style nat DNAT sends to a
-//! stand-in cluster DNS (knotd). Answers must come from knotd through the DNAT — no loop —
+//! Root test: the docs/design.md §1 topology in private network namespaces, beside each
+//! kube-proxy mode (iptables through iptables-legacy or iptables-nft, and nftables). A "pod"
+//! namespace queries the kube-dns ClusterIP; in the "node" namespace the daemon holds
+//! ClusterIP:53 on a node-local interface behind the raw NOTRACK rules, and forwards misses to
+//! that same ClusterIP, which kube-proxy-style DNAT sends to a stand-in cluster DNS (knotd). Answers must come from knotd through the DNAT — no loop —
 //! an answer in flight at SIGTERM still reaches the pod from ClusterIP:53 (raw socket), and,
 //! once the daemon is gone, straight through the DNAT (the closed socket is the fallback).
 mod common;
@@ -15,6 +15,34 @@ const CLUSTER_IP: &str = "10.96.0.10";
 const LOCAL_IP: &str = "169.254.20.10";
 const CLUSTER_DNS_POD: &str = "10.244.0.5";
 const NODE_IP: &str = "192.168.30.1";
+
+/// How the node's kube-proxy programs the ClusterIP, and so where our rules go beside it.
+#[derive(Debug, Clone, Copy)]
+enum KubeProxyMode {
+    /// iptables mode through this backend (`legacy` or `nft`).
+    Iptables(&'static str),
+    /// nftables mode: an `ip kube-proxy` table, no iptables rules at all.
+    Nftables,
+}
+
+impl KubeProxyMode {
+    /// The iptables binary our raw rules live in: kube-proxy's own backend, or nft beside an
+    /// nftables kube-proxy (what `auto` picks when neither backend has `KUBE-` chains).
+    fn iptables_bin(self) -> String {
+        match self {
+            KubeProxyMode::Iptables(backend) => format!("iptables-{backend}"),
+            KubeProxyMode::Nftables => "iptables-nft".to_string(),
+        }
+    }
+
+    /// `--iptables-backend` for the daemon: the backend named, or detection beside nftables.
+    fn setup_backend(self) -> &'static str {
+        match self {
+            KubeProxyMode::Iptables(backend) => backend,
+            KubeProxyMode::Nftables => "auto",
+        }
+    }
+}
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
@@ -141,16 +169,59 @@ impl Topology {
         run(&args);
     }
 
-    /// kube-proxy's part: nat DNAT of the ClusterIP to the cluster DNS pod.
-    fn kube_proxy(&self, bin: &str) {
+    /// kube-proxy's part: DNAT of the ClusterIP to the cluster DNS pod, in its mode.
+    fn kube_proxy(&self, mode: KubeProxyMode, dir: &std::path::Path) {
+        let bin = match mode {
+            KubeProxyMode::Iptables(_) => mode.iptables_bin(),
+            KubeProxyMode::Nftables => return self.kube_proxy_nftables(dir),
+        };
         for proto in ["udp", "tcp"] {
             for chain in ["PREROUTING", "OUTPUT"] {
                 self.iptables(
-                    bin,
+                    &bin,
                     &format!("-t nat -A {chain} -d {CLUSTER_IP}/32 -p {proto} --dport 53 -j DNAT --to-destination {CLUSTER_DNS_POD}:53"),
                 );
             }
         }
+    }
+
+    /// kube-proxy's nftables mode in the shape it writes: nat-prerouting and nat-output at
+    /// dstnat (-100) jump to `services`, the `service-ips` verdict map picks the service chain,
+    /// `numgen random` its endpoint chain, which DNATs.
+    fn kube_proxy_nftables(&self, dir: &std::path::Path) {
+        let mut rules = vec![
+            "table ip kube-proxy {".to_string(),
+            "  map service-ips { type ipv4_addr . inet_proto . inet_service : verdict; }".into(),
+            "  chain nat-prerouting { type nat hook prerouting priority -100; jump services; }"
+                .into(),
+            "  chain nat-output { type nat hook output priority -100; jump services; }".into(),
+            "  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }".into(),
+        ];
+        for proto in ["udp", "tcp"] {
+            rules.push(format!(
+                "  chain endpoint-{proto} {{ meta l4proto {proto} dnat to {CLUSTER_DNS_POD}:53; }}"
+            ));
+            rules.push(format!(
+                "  chain service-{proto} {{ numgen random mod 1 vmap {{ 0 : goto endpoint-{proto} }}; }}"
+            ));
+        }
+        rules.push("}".into());
+        for proto in ["udp", "tcp"] {
+            rules.push(format!(
+                "add element ip kube-proxy service-ips {{ {CLUSTER_IP} . {proto} . 53 : goto service-{proto} }}"
+            ));
+        }
+        let file = dir.join("kube-proxy.nft");
+        std::fs::write(&file, rules.join("\n") + "\n").unwrap();
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.node,
+            "nft",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
     }
 
     /// The node-local interface and docs/design.md §1 raw rules, as node setup would make them.
@@ -257,11 +328,11 @@ fn knot_in_node(t: &Topology, dir: &std::path::Path) -> Proc {
 
 const WWW: [&str; 2] = ["192.0.2.10", "192.0.2.11"];
 
-fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
-    let bin = format!("iptables-{backend}");
+fn scenario(mode: KubeProxyMode, tag: &str, daemon_does_setup: bool) {
+    let bin = mode.iptables_bin();
     let dir = tempfile::tempdir().unwrap();
     let t = Topology::new(tag);
-    t.kube_proxy(&bin);
+    t.kube_proxy(mode, dir.path());
     if !daemon_does_setup {
         t.cache_rules(&bin);
     }
@@ -288,7 +359,7 @@ fn scenario(backend: &str, tag: &str, daemon_does_setup: bool) {
     ];
     if daemon_does_setup {
         // As the DaemonSet runs it (install/configmap.yaml).
-        args.extend(["--iptables-backend".into(), backend.into()]);
+        args.extend(["--iptables-backend".into(), mode.setup_backend().into()]);
         args.extend(["--threads".into(), "auto".into()]);
     } else {
         args.push("--no-node-setup".into());
@@ -430,20 +501,30 @@ fn answers_in_flight_at_sigterm(t: &Topology, knot: &Proc, daemon: &mut Proc) {
 
 #[test]
 fn clusterip_cache_forwards_through_dnat_without_loop_iptables_legacy() {
-    scenario("legacy", "l", false);
+    scenario(KubeProxyMode::Iptables("legacy"), "l", false);
 }
 
 #[test]
 fn clusterip_cache_forwards_through_dnat_without_loop_iptables_nft() {
-    scenario("nft", "n", false);
+    scenario(KubeProxyMode::Iptables("nft"), "n", false);
+}
+
+#[test]
+fn clusterip_cache_forwards_through_dnat_without_loop_nftables() {
+    scenario(KubeProxyMode::Nftables, "k", false);
 }
 
 #[test]
 fn daemon_node_setup_makes_the_clusterip_path_work_iptables_nft() {
-    scenario("nft", "sn", true);
+    scenario(KubeProxyMode::Iptables("nft"), "sn", true);
 }
 
 #[test]
 fn daemon_node_setup_makes_the_clusterip_path_work_iptables_legacy() {
-    scenario("legacy", "sl", true);
+    scenario(KubeProxyMode::Iptables("legacy"), "sl", true);
+}
+
+#[test]
+fn daemon_node_setup_makes_the_clusterip_path_work_nftables() {
+    scenario(KubeProxyMode::Nftables, "sk", true);
 }

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use crate::HarnessError;
 use crate::netns::Netns;
 
-/// The iptables implementation a run programs: the node's kube-proxy rules go there, and the
-/// plugin/daemon (backend `auto`) must find them there.
+/// An iptables implementation: where kube-proxy's iptables modes write their rules, and where
+/// the plugin/daemon (backend `auto`) must put ours (see `KubeProxyMode::backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Legacy,
@@ -106,31 +106,38 @@ pub fn kube_proxy_nat(cluster_ip: IpAddr, pod_cidr: &str, endpoints: &[Endpoint]
 
 /// Loads `rules` (iptables-save format) into `ns` without flushing other tables.
 pub fn restore(ns: &Netns, backend: Backend, v6: bool, rules: &str) -> Result<(), HarnessError> {
-    let tool = backend.tool(v6, "-restore");
+    feed(ns, &backend.tool(v6, "-restore"), &["--noflush"], rules)
+}
+
+/// Runs `program args…` in `ns` with `input` on its stdin (a ruleset loader such as
+/// `iptables-restore` or `nft -f -`), failing with its stderr and the input it refused.
+pub fn feed(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<(), HarnessError> {
+    let described = format!("{program} {}", args.join(" "));
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), &tool, "--noflush"])
+        .args(["netns", "exec", ns.name(), program])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| HarnessError::Spawn {
-            command: tool.clone(),
+            command: described.clone(),
             source,
         })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(rules.as_bytes())
-            .map_err(|e| HarnessError::Io(format!("{tool} stdin"), e))?;
+            .write_all(input.as_bytes())
+            .map_err(|e| HarnessError::Io(format!("{program} stdin"), e))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| HarnessError::Io(tool.clone(), e))?;
+        .map_err(|e| HarnessError::Io(described.clone(), e))?;
     if !out.status.success() {
         return Err(HarnessError::CommandFailed {
-            command: format!("{tool} --noflush"),
+            command: described,
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            stdout: rules.to_string(),
+            stdout: input.to_string(),
         });
     }
     Ok(())

@@ -1,8 +1,8 @@
 //! The simulated node: a Kubernetes node built from network namespaces, shared by the
 //! end-to-end tests and the demo.
 //!
-//! [`SimNode`] puts together: the node netns with kube-proxy's nat rules and two knotd cluster
-//! DNS pods ([`node`], [`clusterdns`], [`iptables`]); the node's private mount namespace and a
+//! [`SimNode`] puts together: the node netns with kube-proxy's rules and two knotd cluster
+//! DNS pods ([`node`], [`clusterdns`], [`kubeproxy`]); the node's private mount namespace and a
 //! real runtime, podman or containerd ([`runtime`]); `node-local-dns-install` chaining our
 //! plugin into the bridge conflist ([`install`]); the resolver daemon started as its DaemonSet
 //! would ([`daemon`]); and clients ([`dns`], [`metrics`]). Everything is torn down on drop.
@@ -16,6 +16,8 @@ pub mod daemon;
 pub mod dns;
 pub mod install;
 pub mod iptables;
+pub mod kubeproxy;
+pub mod kubeproxy_nft;
 pub mod metrics;
 pub mod netns;
 pub mod node;
@@ -23,6 +25,7 @@ pub mod runtime;
 
 pub use daemon::{Daemon, DaemonOptions};
 pub use iptables::Backend;
+pub use kubeproxy::KubeProxyMode;
 pub use node::{Node, NodeOptions};
 pub use runtime::{NodeFs, Pod, Runtime, RuntimeHost};
 
@@ -71,7 +74,8 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// How to build a [`SimNode`].
 #[derive(Debug, Clone, Copy)]
 pub struct SimOptions {
-    pub backend: Backend,
+    /// kube-proxy's mode, which also decides the iptables backend our setup ends up on.
+    pub mode: KubeProxyMode,
     pub dual_stack: bool,
     pub runtime: Runtime,
     /// cniVersion of the bridge conflist the node's primary CNI wrote.
@@ -81,9 +85,9 @@ pub struct SimOptions {
 }
 
 impl SimOptions {
-    pub fn new(backend: Backend) -> Self {
+    pub fn new(mode: KubeProxyMode) -> Self {
         Self {
-            backend,
+            mode,
             dual_stack: false,
             runtime: Runtime::Podman,
             cni_version: "1.0.0",
@@ -110,7 +114,7 @@ pub const BRIDGE_CONFLIST: &str = "10-bridge.conflist";
 impl SimNode {
     pub fn new(opts: SimOptions) -> Result<Self, HarnessError> {
         let node = Node::new(NodeOptions {
-            backend: opts.backend,
+            mode: opts.mode,
             dual_stack: opts.dual_stack,
         })?;
         let fs = NodeFs::new(node.path(), node.dir.path())?;

@@ -1,6 +1,6 @@
 //! The simulated node: a "node" network namespace with a default route (to a "world"
-//! namespace), kube-proxy's nat rules for the kube-dns Service, and two cluster DNS pods behind
-//! them on a bridge of their own.
+//! namespace), kube-proxy's rules for the kube-dns Service (iptables or nftables mode), and two
+//! cluster DNS pods behind them on a bridge of their own.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::HarnessError;
 use crate::clusterdns::ClusterDns;
 use crate::iptables::{self, Backend, Endpoint};
+use crate::kubeproxy::{self, KubeDnsService, KubeProxyMode};
 use crate::netns::{Netns, unique_name};
 
 /// The kube-dns ClusterIPs and the rest of the node's addressing plan.
@@ -18,6 +19,9 @@ pub const NODE_IP: &str = "192.168.200.2";
 pub const NODE_IP6: &str = "fd00:200::2";
 pub const POD_CIDR: &str = "10.244.0.0/16";
 pub const POD_CIDR6: &str = "fd00:244::/48";
+/// Service CIDRs the ClusterIPs come from.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const SERVICE_CIDR6: &str = "fd00::/108";
 /// Subnet the CNI bridge hands out on this node.
 pub const NODE_POD_SUBNET: &str = "10.244.0.0/24";
 pub const NODE_POD_SUBNET6: &str = "fd00:244::/64";
@@ -27,7 +31,7 @@ const DNS_POD_IPS6: [&str; 2] = ["fd00:244:1::10", "fd00:244:1::11"];
 /// How to build the node.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeOptions {
-    pub backend: Backend,
+    pub mode: KubeProxyMode,
     /// Also an IPv6 ClusterIP, IPv6 cluster DNS pods and IPv6 kube-proxy rules.
     pub dual_stack: bool,
 }
@@ -51,7 +55,7 @@ fn ip(s: &str) -> IpAddr {
 
 impl Node {
     pub fn new(opts: NodeOptions) -> Result<Self, HarnessError> {
-        let tag = unique_name(opts.backend.name());
+        let tag = unique_name(opts.mode.tag());
         let dir = tempfile::Builder::new()
             .prefix(&format!("{tag}-"))
             .tempdir()
@@ -74,8 +78,13 @@ impl Node {
         Ok(node)
     }
 
+    pub fn mode(&self) -> KubeProxyMode {
+        self.opts.mode
+    }
+
+    /// The iptables backend our rules and the harness's counters live in on this node.
     pub fn backend(&self) -> Backend {
-        self.opts.backend
+        self.opts.mode.backend()
     }
 
     pub fn cluster_ip(&self) -> IpAddr {
@@ -183,25 +192,28 @@ impl Node {
         }
         let dir = self.dir.path().join(format!("dns{i}"));
         self.dns
-            .push(ClusterDns::start(pod, ips, dir, self.opts.backend)?);
+            .push(ClusterDns::start(pod, ips, dir, self.backend())?);
         Ok(())
     }
 
     fn install_kube_proxy(&self) -> Result<(), HarnessError> {
-        let endpoints = |ips: &[&str]| -> Vec<Endpoint> {
-            ips.iter()
+        let service = |cluster_ip, service_cidr, pod_cidr, ips: &[&str]| KubeDnsService {
+            cluster_ip,
+            service_cidr,
+            pod_cidr,
+            endpoints: ips
+                .iter()
                 .map(|a| Endpoint {
                     ip: ip(a),
                     port: 53,
                 })
-                .collect()
+                .collect(),
         };
-        let rules = iptables::kube_proxy_nat(self.cluster_ip(), POD_CIDR, &endpoints(&DNS_POD_IPS));
-        iptables::restore(&self.ns, self.opts.backend, false, &rules)?;
+        let v4 = service(self.cluster_ip(), SERVICE_CIDR, POD_CIDR, &DNS_POD_IPS);
+        kubeproxy::install(&self.ns, self.opts.mode, &v4)?;
         if self.opts.dual_stack {
-            let eps6 = endpoints(&DNS_POD_IPS6);
-            let rules6 = iptables::kube_proxy_nat(self.cluster_ip6(), POD_CIDR6, &eps6);
-            iptables::restore(&self.ns, self.opts.backend, true, &rules6)?;
+            let v6 = service(self.cluster_ip6(), SERVICE_CIDR6, POD_CIDR6, &DNS_POD_IPS6);
+            kubeproxy::install(&self.ns, self.opts.mode, &v6)?;
         }
         Ok(())
     }
@@ -240,12 +252,12 @@ impl Node {
 
     /// `iptables-save -t raw` lines with our comment (the node-local-dns rules).
     pub fn our_raw_rules(&self, v6: bool) -> Result<Vec<String>, HarnessError> {
-        iptables::rules_matching(&self.ns, self.opts.backend, v6, "raw", "node-local-dns")
+        iptables::rules_matching(&self.ns, self.backend(), v6, "raw", "node-local-dns")
     }
 
     /// Flushes the raw table, as a careless script or a kube-proxy bug would.
     pub fn flush_raw(&self, v6: bool) -> Result<(), HarnessError> {
-        iptables::iptables(&self.ns, self.opts.backend, v6, &["-t", "raw", "-F"]).map(|_| ())
+        iptables::iptables(&self.ns, self.backend(), v6, &["-t", "raw", "-F"]).map(|_| ())
     }
 
     /// Conntrack entries in the node namespace for UDP from `src` to `dst`:53 (`conntrack -L`).

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use simnode::dns::TYPE_A;
-use simnode::{Backend, Runtime, SimNode, SimOptions};
+use simnode::{KubeProxyMode, Runtime, SimNode, SimOptions};
 
 fn example(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -17,8 +17,8 @@ fn example(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"))
 }
 
-fn example_under_runtime(name: &str, subnet_prefix: &str, runtime: Runtime, backend: Backend) {
-    let mut opts = SimOptions::new(backend);
+fn example_under_runtime(name: &str, subnet_prefix: &str, runtime: Runtime, mode: KubeProxyMode) {
+    let mut opts = SimOptions::new(mode);
     opts.runtime = runtime;
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
@@ -92,7 +92,7 @@ fn containerd_bridge_example_under_containerd() {
         "containerd-bridge",
         "10.88.",
         Runtime::Containerd,
-        Backend::Nft,
+        KubeProxyMode::IptablesNft,
     );
 }
 
@@ -102,7 +102,7 @@ fn containerd_bridge_example_under_podman() {
         "containerd-bridge",
         "10.88.",
         Runtime::Podman,
-        Backend::Legacy,
+        KubeProxyMode::IptablesLegacy,
     );
 }
 
@@ -112,11 +112,16 @@ fn crio_bridge_example_under_containerd() {
         "crio-bridge",
         "10.85.",
         Runtime::Containerd,
-        Backend::Legacy,
+        KubeProxyMode::IptablesLegacy,
     );
 }
 
 #[test]
 fn crio_bridge_example_under_podman() {
-    example_under_runtime("crio-bridge", "10.85.", Runtime::Podman, Backend::Nft);
+    example_under_runtime(
+        "crio-bridge",
+        "10.85.",
+        Runtime::Podman,
+        KubeProxyMode::IptablesNft,
+    );
 }

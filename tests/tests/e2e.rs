@@ -1,6 +1,8 @@
-//! The end-to-end tests on the simulated node: podman pods (bridge conflist with
-//! our entry chained by node-local-dns-install), the daemon as its DaemonSet runs it, two knotd
-//! cluster DNS pods behind kube-proxy's DNAT. Every test runs once per iptables backend.
+//! The end-to-end tests on the simulated node: podman pods (bridge conflist with our entry
+//! chained by node-local-dns-install), the daemon as its DaemonSet runs it, two knotd cluster
+//! DNS pods behind kube-proxy's DNAT. Every test runs once per kube-proxy mode: iptables through
+//! iptables-legacy (`legacy::*`), iptables through iptables-nft (`nft::*`), and nftables
+//! (`nftables::*`).
 //! They are serialised: the load tests need the two cores to themselves to keep ≥ 500 q/s.
 
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +13,7 @@ use simnode::dns::{
     Answer, LoadReport, LoadSpec, PortMode, QueryError, TYPE_A, TYPE_AAAA, query_udp, spawn_load,
 };
 use simnode::netns::in_netns;
-use simnode::{Backend, Pod, SimNode, SimOptions};
+use simnode::{KubeProxyMode, Pod, SimNode, SimOptions};
 
 static HEAVY: Mutex<()> = Mutex::new(());
 
@@ -33,8 +35,8 @@ fn cluster_dns() -> SocketAddr {
 }
 
 /// A node with the plugin installed, the daemon running and one pod in `default`.
-fn node_with_daemon(backend: Backend, daemon_args: &[&str]) -> (SimNode, Pod) {
-    let mut sim = SimNode::new(SimOptions::new(backend)).expect("simulated node");
+fn node_with_daemon(mode: KubeProxyMode, daemon_args: &[&str]) -> (SimNode, Pod) {
+    let mut sim = SimNode::new(SimOptions::new(mode)).expect("simulated node");
     let mut opts = sim.daemon_options();
     opts.extra_args = daemon_args.iter().map(|s| s.to_string()).collect();
     sim.start_daemon(opts).expect("daemon starts");
@@ -98,9 +100,9 @@ fn glibc_resolves_web(pod: &Pod) {
 
 /// Test 1: glibc (search path) and dig lookups are answered by the cache: the cache
 /// metrics move and the cluster DNS pods see only the first miss.
-fn lookups_served_by_cache(backend: Backend) {
+fn lookups_served_by_cache(mode: KubeProxyMode) {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    let (mut sim, pod) = node_with_daemon(mode, &[]);
     sim.node.count_name(WEB).unwrap();
     sim.node.count_name(WWW).unwrap();
     // Warm the cache: the short name goes through the search path (ndots:5) to the Service.
@@ -169,9 +171,9 @@ const LOST_QUERY_SLACK: Duration = Duration::from_millis(50);
 /// kube-proxy's DNAT (only queries in flight while it died are lost); restart it: queries go
 /// local again, also for clients that keep reusing one source port (no conntrack entry pins
 /// them to the DNAT path).
-fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
+fn kill_and_restart_under_load(mode: KubeProxyMode, ports: PortMode) {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    let (mut sim, pod) = node_with_daemon(mode, &[]);
     sim.node.count_name(DB).unwrap();
     query(&pod, cluster_dns(), DB, TYPE_A).expect("warm");
 
@@ -186,7 +188,7 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
     let via_dnat = sim.node.upstream_queries_for(DB).unwrap() - before_kill;
     eprintln!(
         "[{}] kill -9 under load ({ports:?}): SIGKILL at {kill_sent_at:?}, reaped at {killed_at:?}; {}; {via_dnat} queries reached cluster DNS after the kill",
-        backend.name(),
+        mode.name(),
         describe(&report)
     );
     assert!(
@@ -194,10 +196,10 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
         "load generator kept ≥ 500 q/s: {}",
         describe(&report)
     );
-    // docs/design.md §1: the query in the socket's queue at the kill can be lost (a timeout), and so
-    // can one sent while the process was exiting that passed the `-m socket` rule just before
-    // the socket closed (an ICMP refusal): at most one per query sent while it died, plus the
-    // queued one. Only at the kill: losses later would mean conntrack entries pinning
+    // docs/design.md §1: the query in the socket's queue at the kill can be lost (a timeout),
+    // and so can one sent while the process was exiting that passed the `-m socket` rule just
+    // before the socket closed (an ICMP refusal): at most one per query sent while it died,
+    // plus the queued one. Only at the kill: losses later would mean conntrack entries pinning
     // clients to the dead socket.
     let dying = killed_at.saturating_sub(kill_sent_at);
     let may_lose = 1 + (dying.as_secs_f64() * report.rate()).ceil() as u64;
@@ -242,7 +244,7 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
     let upstream_after = sim.node.upstream_queries_for(DB).unwrap() - settled;
     eprintln!(
         "[{}] restart under load ({ports:?}): ready at {restarted_at:?}; {}; {upstream_after} queries reached cluster DNS once the daemon was back",
-        backend.name(),
+        mode.name(),
         describe(&report)
     );
     assert_eq!(
@@ -269,9 +271,9 @@ fn kill_and_restart_under_load(backend: Backend, ports: PortMode) {
 
 /// Test 4: a rolling restart as the DaemonSet does it (new instance started, old one sent
 /// SIGTERM): lost queries at ≥ 500 q/s are counted and reported.
-fn rolling_restart_under_load(backend: Backend) {
+fn rolling_restart_under_load(mode: KubeProxyMode) {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    let (mut sim, pod) = node_with_daemon(mode, &[]);
     query(&pod, cluster_dns(), API, TYPE_A).expect("warm");
     let run = spawn_load(
         pod.netns(),
@@ -288,7 +290,7 @@ fn rolling_restart_under_load(backend: Backend) {
     let report = run.join().unwrap().expect("load ran");
     eprintln!(
         "[{}] rolling restart: old instance exit code {code:?}; {}",
-        backend.name(),
+        mode.name(),
         describe(&report)
     );
     assert_eq!(code, Some(0), "SIGTERM is a clean exit");
@@ -312,9 +314,9 @@ fn rolling_restart_under_load(backend: Backend) {
 
 /// Test 4, the manifest's default strategy (maxUnavailable 1, no surge): the old instance
 /// gets SIGTERM first, the new one starts after it exited; queries in between fall back.
-fn replace_restart_under_load(backend: Backend) {
+fn replace_restart_under_load(mode: KubeProxyMode) {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &[]);
+    let (mut sim, pod) = node_with_daemon(mode, &[]);
     query(&pod, cluster_dns(), API, TYPE_A).expect("warm");
     let run = spawn_load(
         pod.netns(),
@@ -329,7 +331,7 @@ fn replace_restart_under_load(backend: Backend) {
     let report = run.join().unwrap().expect("load ran");
     eprintln!(
         "[{}] stop-then-start restart: old exit {code:?}; {}",
-        backend.name(),
+        mode.name(),
         describe(&report)
     );
     assert_eq!(code, Some(0), "SIGTERM is a clean exit");
@@ -343,9 +345,9 @@ fn replace_restart_under_load(backend: Backend) {
 
 /// Test 5: the raw table is flushed: the daemon's sync restores the rules within its sync
 /// interval; with the daemon gone, the next pod ADD restores them.
-fn raw_table_flush_restored(backend: Backend) {
+fn raw_table_flush_restored(mode: KubeProxyMode) {
     let _g = lock();
-    let (mut sim, _pod) = node_with_daemon(backend, &[]);
+    let (mut sim, _pod) = node_with_daemon(mode, &[]);
     assert_eq!(sim.node.our_raw_rules(false).unwrap().len(), 4);
     sim.node.flush_raw(false).unwrap();
     assert!(
@@ -377,8 +379,8 @@ fn raw_table_flush_restored(backend: Backend) {
 
 /// Test 6: with the daemon down, a host process on 0.0.0.0:53 (dnsmasq in its default
 /// wildcard mode, answering everything with 6.6.6.6) does not capture pod DNS.
-fn wildcard_listener_does_not_capture(backend: Backend) {
-    let report = pod_dns_with_wildcard_listener(backend, "safe");
+fn wildcard_listener_does_not_capture(mode: KubeProxyMode) {
+    let report = pod_dns_with_wildcard_listener(mode, "safe");
     assert_eq!(
         report.failed(),
         0,
@@ -388,13 +390,13 @@ fn wildcard_listener_does_not_capture(backend: Backend) {
     assert!(report.answered >= 400);
 }
 
-/// The control for test 6: the Deckhouse module's `--nowildcard` rule lets the same dnsmasq capture pod
-/// DNS (docs/design.md §1), so the test above can tell the two apart.
-fn nowildcard_rule_is_captured(backend: Backend) {
-    let report = pod_dns_with_wildcard_listener(backend, "nowildcard");
+/// The control for test 6: the Deckhouse module's `--nowildcard` rule lets the same dnsmasq
+/// capture pod DNS (docs/design.md §1), so the test above can tell the two apart.
+fn nowildcard_rule_is_captured(mode: KubeProxyMode) {
+    let report = pod_dns_with_wildcard_listener(mode, "nowildcard");
     eprintln!(
         "[{}] --nowildcard with dnsmasq on 0.0.0.0:53: {}",
-        backend.name(),
+        mode.name(),
         describe(&report)
     );
     assert!(
@@ -406,9 +408,9 @@ fn nowildcard_rule_is_captured(backend: Backend) {
 
 /// Kills the daemon, starts dnsmasq on 0.0.0.0:53 in the node netns (answering 6.6.6.6 for
 /// everything) and sends one second of pod queries to the ClusterIP.
-fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadReport {
+fn pod_dns_with_wildcard_listener(mode: KubeProxyMode, socket_match: &str) -> LoadReport {
     let _g = lock();
-    let mut opts = SimOptions::new(backend);
+    let mut opts = SimOptions::new(mode);
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
     // One setting for both containers, as the ConfigMap gives it: the installer writes it
@@ -486,9 +488,9 @@ fn pod_dns_with_wildcard_listener(backend: Backend, socket_match: &str) -> LoadR
 
 /// Test 7: cluster DNS pods stopped: cached names keep resolving (served stale once expired),
 /// uncached names fail fast with SERVFAIL instead of hanging the client.
-fn cluster_dns_down_serves_stale(backend: Backend, blackhole: bool) {
+fn cluster_dns_down_serves_stale(mode: KubeProxyMode, blackhole: bool) {
     let _g = lock();
-    let (mut sim, pod) = node_with_daemon(backend, &["--cache-success-max-ttl", "5s"]);
+    let (mut sim, pod) = node_with_daemon(mode, &["--cache-success-max-ttl", "5s"]);
     let first = query(&pod, cluster_dns(), WEB, TYPE_A).expect("warm");
     assert_eq!(first.addrs, vec![ip("10.100.0.1")]);
     if blackhole {
@@ -507,7 +509,7 @@ fn cluster_dns_down_serves_stale(backend: Backend, blackhole: bool) {
         query(&pod, cluster_dns(), API, TYPE_A).expect("an answer, not a client timeout");
     eprintln!(
         "[{}] cluster DNS down (blackhole {blackhole}): uncached name answered rcode {} after {:?} (client timeout 4 s)",
-        backend.name(),
+        mode.name(),
         uncached.rcode,
         asked.elapsed()
     );
@@ -522,9 +524,9 @@ fn cluster_dns_down_serves_stale(backend: Backend, blackhole: bool) {
 
 /// Test 8: dual-stack: the IPv6 ClusterIP is served by the cache the same way and falls
 /// back through ip6tables DNAT when the daemon dies.
-fn dual_stack(backend: Backend) {
+fn dual_stack(mode: KubeProxyMode) {
     let _g = lock();
-    let mut opts = SimOptions::new(backend);
+    let mut opts = SimOptions::new(mode);
     opts.dual_stack = true;
     let mut sim = SimNode::new(opts).expect("dual-stack node");
     let dopts = sim.daemon_options();
@@ -590,9 +592,9 @@ fn dual_stack(backend: Backend) {
 
 /// Test 9: uninstall removes our entry (then the binary); pods still start and resolve via
 /// kube-proxy's DNAT.
-fn uninstall_keeps_pods_working(backend: Backend) {
+fn uninstall_keeps_pods_working(mode: KubeProxyMode) {
     let _g = lock();
-    let (mut sim, _pod) = node_with_daemon(backend, &[]);
+    let (mut sim, _pod) = node_with_daemon(mode, &[]);
     let types = |sim: &SimNode| -> Vec<String> {
         sim.conflist().unwrap()["plugins"]
             .as_array()
@@ -633,20 +635,24 @@ fn uninstall_keeps_pods_working(backend: Backend) {
     assert!(out.contains("10.100.0.3"), "{out}");
 }
 
-macro_rules! both_backends {
+macro_rules! every_mode {
     ($($name:ident => $body:expr;)*) => {
         mod legacy {
             use super::*;
-            $(#[test] fn $name() { let f: fn(Backend) = $body; f(Backend::Legacy) })*
+            $(#[test] fn $name() { let f: fn(KubeProxyMode) = $body; f(KubeProxyMode::IptablesLegacy) })*
         }
         mod nft {
             use super::*;
-            $(#[test] fn $name() { let f: fn(Backend) = $body; f(Backend::Nft) })*
+            $(#[test] fn $name() { let f: fn(KubeProxyMode) = $body; f(KubeProxyMode::IptablesNft) })*
+        }
+        mod nftables {
+            use super::*;
+            $(#[test] fn $name() { let f: fn(KubeProxyMode) = $body; f(KubeProxyMode::Nftables) })*
         }
     };
 }
 
-both_backends! {
+every_mode! {
     t1_lookups_served_by_cache => lookups_served_by_cache;
     t2_t3_kill9_and_restart_fresh_ports => |b| kill_and_restart_under_load(b, PortMode::Fresh);
     t3_restart_with_reused_source_ports => |b| kill_and_restart_under_load(b, PortMode::Reused);

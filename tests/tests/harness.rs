@@ -1,13 +1,15 @@
 //! The simulated node itself, before any node-local-dns part is involved: pods started by a
-//! real runtime resolve through kube-proxy's DNAT to the knotd cluster DNS pods.
+//! real runtime resolve through kube-proxy's DNAT to the knotd cluster DNS pods, in each
+//! kube-proxy mode.
 
 use simnode::dns::{TYPE_A, query_tcp};
-use simnode::{Backend, Runtime, SimNode, SimOptions};
+use simnode::netns::in_netns;
+use simnode::{KubeProxyMode, Node, NodeOptions, Runtime, SimNode, SimOptions};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-fn pods_resolve_through_kube_proxy(backend: Backend, runtime: Runtime) {
-    let mut opts = SimOptions::new(backend);
+fn pods_resolve_through_kube_proxy(mode: KubeProxyMode, runtime: Runtime) {
+    let mut opts = SimOptions::new(mode);
     opts.runtime = runtime;
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
@@ -62,10 +64,67 @@ fn pods_resolve_through_kube_proxy(backend: Backend, runtime: Runtime) {
 
 #[test]
 fn podman_pods_resolve_through_kube_proxy_legacy() {
-    pods_resolve_through_kube_proxy(Backend::Legacy, Runtime::Podman);
+    pods_resolve_through_kube_proxy(KubeProxyMode::IptablesLegacy, Runtime::Podman);
 }
 
 #[test]
 fn containerd_pods_resolve_through_kube_proxy_nft() {
-    pods_resolve_through_kube_proxy(Backend::Nft, Runtime::Containerd);
+    pods_resolve_through_kube_proxy(KubeProxyMode::IptablesNft, Runtime::Containerd);
+}
+
+#[test]
+fn podman_pods_resolve_through_kube_proxy_nftables() {
+    pods_resolve_through_kube_proxy(KubeProxyMode::Nftables, Runtime::Podman);
+}
+
+/// `KUBE-` chains in one iptables backend of the node (`iptables-<backend>-save`, all tables).
+fn kube_chains(node: &Node, tool: &str) -> Vec<String> {
+    node.ns
+        .exec(tool, &[])
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+        .lines()
+        .filter(|l| l.starts_with(":KUBE-"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// In nftables mode kube-proxy leaves no `KUBE-` chain in either iptables backend, so the
+/// backend detection the plugin and daemon run (`auto`: more `KUBE-` chains wins, nft on a
+/// tie) picks nft; in the iptables modes it picks kube-proxy's own backend.
+#[test]
+fn auto_backend_detection_in_every_mode() {
+    for mode in KubeProxyMode::ALL {
+        let node = Node::new(NodeOptions {
+            mode,
+            dual_stack: true,
+        })
+        .expect("simulated node");
+        let legacy = kube_chains(&node, "iptables-legacy-save");
+        let nft = kube_chains(&node, "iptables-nft-save");
+        let legacy6 = kube_chains(&node, "ip6tables-legacy-save");
+        let nft6 = kube_chains(&node, "ip6tables-nft-save");
+        match mode {
+            KubeProxyMode::Nftables => {
+                assert_eq!(
+                    (&legacy, &nft, &legacy6, &nft6),
+                    (&vec![], &vec![], &vec![], &vec![]),
+                    "no KUBE- chain in nftables mode"
+                );
+                let tables = node.ns.exec("nft", &["list", "tables"]).expect("nft");
+                assert!(
+                    tables.contains("table ip kube-proxy")
+                        && tables.contains("table ip6 kube-proxy"),
+                    "{tables}"
+                );
+            }
+            KubeProxyMode::IptablesLegacy => assert!(nft.is_empty() && !legacy.is_empty()),
+            KubeProxyMode::IptablesNft => assert!(legacy.is_empty() && !nft.is_empty()),
+        }
+        let detected = in_netns(&node.path(), || {
+            node_setup::detect_backend(node_setup::IptablesBackend::Auto)
+        })
+        .expect("enter node netns")
+        .expect("detect_backend");
+        assert_eq!(detected, mode.backend().name(), "{}", mode.name());
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use simnode::cmd::KillOnDrop;
 use simnode::dns::TYPE_A;
 use simnode::runtime::{CNI_BIN_DIR, CNI_CONF_DIR, bridge_conflist};
-use simnode::{Backend, SimNode, SimOptions, bin_path};
+use simnode::{KubeProxyMode, SimNode, SimOptions, bin_path};
 
 fn plugin_types(sim: &SimNode) -> Vec<String> {
     sim.conflist().unwrap()["plugins"]
@@ -59,8 +59,8 @@ fn start_installer(sim: &SimNode) -> KillOnDrop {
         .expect("installer starts")
 }
 
-fn installer_keeps_entry(backend: Backend) {
-    let mut opts = SimOptions::new(backend);
+fn installer_keeps_entry(mode: KubeProxyMode) {
+    let mut opts = SimOptions::new(mode);
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
     let mut installer = start_installer(&sim);
@@ -119,10 +119,10 @@ fn installer_keeps_entry(backend: Backend) {
 
 #[test]
 fn installer_container_reinserts_entry_legacy() {
-    installer_keeps_entry(Backend::Legacy);
+    installer_keeps_entry(KubeProxyMode::IptablesLegacy);
 }
 
 #[test]
 fn installer_container_reinserts_entry_nft() {
-    installer_keeps_entry(Backend::Nft);
+    installer_keeps_entry(KubeProxyMode::IptablesNft);
 }

@@ -2,14 +2,15 @@
 //! and podman (CNI backend) × cniVersion 0.3.1, 0.4.0, 1.0.0, with the conflist
 //! [bridge + host-local, node-local-dns, portmap]. The container starts and gets its IP, the
 //! node state is in place (once), and stop/remove run DEL cleanly (IPAM released, node state
-//! kept). Each runtime runs on both iptables backends across the versions.
+//! kept). Each runtime runs beside each kube-proxy mode (iptables through iptables-legacy or
+//! iptables-nft, nftables) across the versions.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use simnode::dns::TYPE_A;
 use simnode::runtime::bridge_conflist;
-use simnode::{Backend, Runtime, SimNode, SimOptions};
+use simnode::{KubeProxyMode, Runtime, SimNode, SimOptions};
 
 /// The bridge conflist with our entry chained between bridge and portmap.
 fn conflist_with_plugin(version: &str) -> String {
@@ -75,8 +76,8 @@ fn assert_node_state(sim: &SimNode) {
     );
 }
 
-fn plugin_under_runtime(runtime: Runtime, version: &'static str, backend: Backend) {
-    let mut opts = SimOptions::new(backend);
+fn plugin_under_runtime(runtime: Runtime, version: &'static str, mode: KubeProxyMode) {
+    let mut opts = SimOptions::new(mode);
     opts.runtime = runtime;
     opts.cni_version = version;
     opts.install = false;
@@ -131,30 +132,30 @@ fn plugin_under_runtime(runtime: Runtime, version: &'static str, backend: Backen
 
 #[test]
 fn containerd_cni_0_3_1_legacy() {
-    plugin_under_runtime(Runtime::Containerd, "0.3.1", Backend::Legacy);
+    plugin_under_runtime(Runtime::Containerd, "0.3.1", KubeProxyMode::IptablesLegacy);
 }
 
 #[test]
 fn containerd_cni_0_4_0_nft() {
-    plugin_under_runtime(Runtime::Containerd, "0.4.0", Backend::Nft);
+    plugin_under_runtime(Runtime::Containerd, "0.4.0", KubeProxyMode::IptablesNft);
 }
 
 #[test]
-fn containerd_cni_1_0_0_legacy() {
-    plugin_under_runtime(Runtime::Containerd, "1.0.0", Backend::Legacy);
+fn containerd_cni_1_0_0_nftables() {
+    plugin_under_runtime(Runtime::Containerd, "1.0.0", KubeProxyMode::Nftables);
 }
 
 #[test]
 fn podman_cni_0_3_1_nft() {
-    plugin_under_runtime(Runtime::Podman, "0.3.1", Backend::Nft);
+    plugin_under_runtime(Runtime::Podman, "0.3.1", KubeProxyMode::IptablesNft);
 }
 
 #[test]
 fn podman_cni_0_4_0_legacy() {
-    plugin_under_runtime(Runtime::Podman, "0.4.0", Backend::Legacy);
+    plugin_under_runtime(Runtime::Podman, "0.4.0", KubeProxyMode::IptablesLegacy);
 }
 
 #[test]
-fn podman_cni_1_0_0_nft() {
-    plugin_under_runtime(Runtime::Podman, "1.0.0", Backend::Nft);
+fn podman_cni_1_0_0_nftables() {
+    plugin_under_runtime(Runtime::Podman, "1.0.0", KubeProxyMode::Nftables);
 }

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SigSet, Signal};
 use simnode::dns::{LoadSpec, PortMode, TYPE_A, query_udp, spawn_load};
 use simnode::netns::in_netns;
-use simnode::{Backend, Pod, Runtime, SimNode, SimOptions};
+use simnode::{Backend, KubeProxyMode, Pod, Runtime, SimNode, SimOptions};
 
 const NAME: &str = "web.default.svc.cluster.local";
 
@@ -129,13 +129,13 @@ fn demo_child() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let (backend, runtime) = parse_args()?;
+    let (mode, runtime) = parse_args()?;
     step(&format!(
-        "Building a simulated node: network namespaces, kube-proxy (iptables-{}) DNAT for kube-dns 10.96.0.10, two knotd cluster DNS pods, {}.",
-        backend.name(),
+        "Building a simulated node: network namespaces, kube-proxy ({}) DNAT for kube-dns 10.96.0.10, two knotd cluster DNS pods, {}.",
+        mode.name(),
         runtime.name()
     ))?;
-    let mut opts = SimOptions::new(backend);
+    let mut opts = SimOptions::new(mode);
     opts.runtime = runtime;
     let mut sim = SimNode::new(opts).context("building the simulated node")?;
     let conflist = sim.conflist()?;
@@ -171,21 +171,44 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn parse_args() -> Result<(Backend, Runtime)> {
-    let mut backend = Backend::Nft;
+fn parse_args() -> Result<(KubeProxyMode, Runtime)> {
+    let mut nftables = false;
+    let mut backend = None;
     let mut runtime = Runtime::Podman;
-    for arg in std::env::args().skip(1) {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--legacy" => backend = Backend::Legacy,
-            "--nft" => backend = Backend::Nft,
+            "--legacy" => backend = Some(Backend::Legacy),
+            "--nft" => backend = Some(Backend::Nft),
+            "--kube-proxy" => {
+                nftables = match args.next().as_deref() {
+                    Some("iptables") => false,
+                    Some("nftables") => true,
+                    other => bail!(
+                        "--kube-proxy {}: use iptables or nftables",
+                        other.unwrap_or("(missing value)")
+                    ),
+                }
+            }
             "--containerd" => runtime = Runtime::Containerd,
             "--podman" => runtime = Runtime::Podman,
             other => {
-                bail!("unknown argument {other}; use --legacy|--nft and --podman|--containerd")
+                bail!(
+                    "unknown argument {other}; use --kube-proxy iptables|nftables, --legacy|--nft and --podman|--containerd"
+                )
             }
         }
     }
-    Ok((backend, runtime))
+    let mode = match (nftables, backend) {
+        (true, Some(b)) => bail!(
+            "--{}: kube-proxy in nftables mode writes no iptables rules; drop it or use --kube-proxy iptables",
+            b.name()
+        ),
+        (true, None) => KubeProxyMode::Nftables,
+        (false, Some(Backend::Legacy)) => KubeProxyMode::IptablesLegacy,
+        (false, _) => KubeProxyMode::IptablesNft,
+    };
+    Ok((mode, runtime))
 }
 
 /// Prints the next step's headline, or stops the demo when a signal arrived.

@@ -204,9 +204,11 @@ pub struct Args {
     /// Maximum TTL of cached denials.
     #[arg(long, env = "NODE_LOCAL_DNS_CACHE_DENIAL_MAX_TTL", value_parser = parse_duration, default_value = "5s")]
     pub cache_denial_max_ttl: Duration,
-    /// Overall cache memory budget in bytes (LRU eviction past it).
-    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES", default_value_t = 256 << 20)]
-    pub cache_max_bytes: usize,
+    /// Overall cache memory budget in bytes (LRU eviction past it). Default: from the
+    /// container's memory limit (what it leaves after the rest of the process), 256 MiB
+    /// without a limit.
+    #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<usize>,
     /// How long expired entries may still be served when upstreams fail (RFC 8767).
     #[arg(long, env = "NODE_LOCAL_DNS_STALE_WINDOW", value_parser = parse_duration, default_value = "1h")]
     pub stale_window: Duration,
@@ -538,7 +540,9 @@ fn cache_config(args: &Args) -> CacheConfig {
         denial_capacity: args.cache_denial_capacity,
         denial_min_ttl: args.cache_denial_min_ttl,
         denial_max_ttl: args.cache_denial_max_ttl,
-        max_bytes: args.cache_max_bytes,
+        max_bytes: args
+            .cache_max_bytes
+            .unwrap_or_else(crate::memlimit::default_cache_max_bytes),
         stale_window: args.stale_window,
         stale_ttl: args.stale_ttl,
         prefetch_hits: args.prefetch_hits,

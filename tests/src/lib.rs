@@ -16,10 +16,12 @@ pub mod daemon;
 pub mod dns;
 pub mod install;
 pub mod iptables;
+pub mod kubelet;
 pub mod memcg;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod podspec;
 pub mod runtime;
 
 pub use daemon::{Daemon, DaemonOptions};

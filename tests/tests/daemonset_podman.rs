@@ -10,12 +10,16 @@
 //! python3-yaml; runs as root.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use simnode::cmd::KillOnDrop;
 
 use simnode::dns::TYPE_A;
 use simnode::kubelet::Kubelet;
-use simnode::metrics::{http_get, scrape};
+use simnode::metrics::http_get;
 use simnode::node::{CLUSTER_IP, NODE_IP};
 use simnode::podspec::{ContainerSpec, NodeFacts, Rendered};
 use simnode::{Backend, SimNode, SimOptions};
@@ -23,6 +27,9 @@ use simnode::{Backend, SimNode, SimOptions};
 const INSTALLER: &str = "nld-installer";
 const RESOLVER: &str = "nld-resolver";
 const NAME: &str = "web.default.svc.cluster.local";
+const NODE_NAME: &str = "sim-node";
+/// Prometheus' API, on the node netns' loopback.
+const PROMETHEUS: &str = "127.0.0.1:19090";
 
 fn install_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../install")
@@ -35,7 +42,7 @@ fn node_ip() -> IpAddr {
 /// What the kubelet injects and knows for a kube-system pod on this node.
 fn facts() -> NodeFacts {
     NodeFacts {
-        node_name: "sim-node".into(),
+        node_name: NODE_NAME.into(),
         host_ip: node_ip(),
         service_env: vec![
             // Service links of the kube-dns Service (enableServiceLinks).
@@ -93,6 +100,89 @@ fn listening_ports(sim: &SimNode, pid: i32) -> Vec<(u16, String)> {
         }
     }
     ports
+}
+
+/// The PodMonitor's relabelings in Prometheus' own spelling (sourceLabels -> source_labels).
+fn relabel_configs(endpoint: &Value) -> Vec<Value> {
+    let snake = |k: &str| {
+        k.chars().fold(String::new(), |mut s, c| {
+            if c.is_ascii_uppercase() {
+                s.push('_');
+            }
+            s.push(c.to_ascii_lowercase());
+            s
+        })
+    };
+    endpoint["relabelings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let fields = r.as_object().unwrap().iter();
+            Value::Object(fields.map(|(k, v)| (snake(k), v.clone())).collect())
+        })
+        .collect()
+}
+
+/// A real Prometheus in the node netns, scraping the pod as the PodMonitor says: the port it
+/// names (resolved through the container's ports), its path and relabelings, the pod IP
+/// (= node IP, hostNetwork) as the target, the pod's node as Kubernetes discovery sets it.
+fn start_prometheus(
+    sim: &SimNode,
+    dir: &Path,
+    pm: &Value,
+    resolver: &ContainerSpec<'_>,
+) -> KillOnDrop {
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    let port = resolver
+        .port(endpoint["port"].as_str().unwrap())
+        .expect("the PodMonitor's port is declared by the resolver");
+    let config = json!({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{
+            "job_name": format!("podMonitor/kube-system/{}/0", pm["metadata"]["name"].as_str().unwrap()),
+            "metrics_path": endpoint["path"].as_str().unwrap_or("/metrics"),
+            "static_configs": [{
+                "targets": [SocketAddr::new(node_ip(), port).to_string()],
+                "labels": {"__meta_kubernetes_pod_node_name": NODE_NAME},
+            }],
+            "relabel_configs": relabel_configs(endpoint),
+        }],
+    });
+    let file = dir.join("prometheus.json");
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", sim.node.path().display()))
+        .arg("prometheus")
+        .arg(format!("--config.file={}", file.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={PROMETHEUS}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (apt install prometheus)");
+    KillOnDrop(child)
+}
+
+/// The value of `query`'s first series, with its labels, from Prometheus' API.
+fn prometheus_query(sim: &SimNode, query: &str) -> Option<(Value, f64)> {
+    let encoded: String = query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let path = format!("/api/v1/query?query={encoded}");
+    let (status, body) = http_get(&sim.node.path(), PROMETHEUS.parse().unwrap(), &path).ok()?;
+    let doc: Value = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+    let first = doc["data"]["result"].get(0)?;
+    let value = first["value"][1].as_str()?.parse().ok()?;
+    Some((first["metric"].clone(), value))
 }
 
 fn daemonset_runs_as_rendered(backend: Backend) {
@@ -157,14 +247,24 @@ fn daemonset_runs_as_rendered(backend: Backend) {
     query("cached query");
     assert_eq!(sim.node.upstream_queries_for(NAME).unwrap(), upstream);
 
-    // Prometheus' target: the port the PodMonitor names, on the pod IP (= node IP).
+    // Prometheus scrapes it as the PodMonitor says, with the labels the dashboard selects on.
     let pm = rendered.only("PodMonitor").unwrap();
-    let port_name = pm["spec"]["podMetricsEndpoints"][0]["port"]
-        .as_str()
-        .unwrap();
-    let port = resolver.port(port_name).unwrap();
-    let metrics = scrape(&sim.node.path(), SocketAddr::new(node_ip(), port)).unwrap();
-    assert!(metrics.sum("coredns_cache_hits_total", &[]) >= 1.0);
+    let _prometheus = start_prometheus(&sim, kubelet.scratch(), pm, &resolver);
+    let hits =
+        format!("sum(coredns_cache_hits_total{{job=\"node-local-dns\", node=\"{NODE_NAME}\"}})");
+    wait_until(
+        "Prometheus scrapes the resolver",
+        Duration::from_secs(60),
+        || {
+            let up = prometheus_query(&sim, "up");
+            let scraped = prometheus_query(&sim, &hits).is_some_and(|(_, v)| v >= 1.0);
+            scraped
+                && up.is_some_and(|(labels, v)| {
+                    v == 1.0 && labels["job"] == "node-local-dns" && labels["node"] == NODE_NAME
+                })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: up = {:?}", prometheus_query(&sim, "up")));
 
     // Every port the resolver listens on is declared.
     let pid = kubelet.pid(RESOLVER).unwrap();

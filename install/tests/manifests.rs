@@ -1,6 +1,6 @@
 //! install/ manifests: rendered by the real `kubectl kustomize` (no cluster needed) and
 //! validated against the Kubernetes OpenAPI schemas (PyPI `kubernetes-validate`, offline) by
-//! tests/validate_manifests.py; then the rendered objects are checked for what the issue
+//! tests/validate_manifests.py; then the rendered objects are checked for what an install
 //! requires, and the installer container's command and environment are run for real against
 //! temp dirs.
 //! Needs: kubectl (Debian's package; `KUBECTL` overrides), python3 with
@@ -311,7 +311,7 @@ fn every_listening_port_is_declared() {
 }
 
 #[test]
-fn daemonset_has_every_field_the_issue_requires() {
+fn daemonset_has_every_required_field() {
     let objects = rendered();
     let ds = find(&objects, "DaemonSet", NAME);
     let pod = &ds["spec"]["template"]["spec"];

@@ -135,7 +135,8 @@ import_base() {
 
 # Tag of the base built from this exact recipe, so a changed recipe builds a new base.
 base_tag() {
-  local recipe="$SUITE $RUNTIME_PACKAGES $(host_arch) $(declare -f make_base_tar)"
+  local recipe
+  recipe="$SUITE $RUNTIME_PACKAGES $(host_arch) $(declare -f make_base_tar)"
   echo "$BASE_REPO:$(echo "$recipe" | sha256sum | cut -c1-16)"
 }
 

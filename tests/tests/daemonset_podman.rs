@@ -185,6 +185,73 @@ fn prometheus_query(sim: &SimNode, query: &str) -> Option<(Value, f64)> {
     Some((first["metric"].clone(), value))
 }
 
+/// Capability numbers (linux/capability.h) of the ones the manifests may add.
+fn cap_bit(name: &str) -> u64 {
+    match name {
+        "NET_BIND_SERVICE" => 1 << 10,
+        "NET_ADMIN" => 1 << 12,
+        "NET_RAW" => 1 << 13,
+        other => panic!("capability {other}: add its number here"),
+    }
+}
+
+/// What the kernel applied to the container's process, read from /proc and the cgroup fs
+/// rather than trusted from podman's flags: effective capabilities, a read-only root, and the
+/// memory limit.
+fn assert_applied_as_rendered(pid: i32, c: &ContainerSpec<'_>) {
+    let name = c.name();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let wanted = c.c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| cap_bit(n.as_str().unwrap()))
+        .fold(0, |a, b| a | b);
+    assert_eq!(
+        cap_eff, wanted,
+        "{name}: effective capabilities {cap_eff:#x}"
+    );
+
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_opts = mountinfo
+        .lines()
+        .rev()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&"/"))
+        .map(|f| f[5].to_string())
+        .unwrap();
+    assert!(
+        root_opts.split(',').any(|o| o == "ro"),
+        "{name}: root mounted {root_opts}"
+    );
+
+    let limit = c.c["resources"]["limits"]["memory"].as_str().unwrap();
+    let want = simnode::podspec::parse_quantity(limit).unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let applied = cgroups.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        let file = if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else {
+            return None;
+        };
+        std::fs::read_to_string(file)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    assert_eq!(applied, Some(want), "{name}: memory limit {limit}");
+}
+
 fn daemonset_runs_as_rendered(backend: Backend) {
     let rendered = Rendered::kustomize(&install_dir()).unwrap();
     let ds = rendered.only("DaemonSet").unwrap();
@@ -212,6 +279,7 @@ fn daemonset_runs_as_rendered(backend: Backend) {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", kubelet.logs(INSTALLER)));
     assert_eq!(last_plugin_type(&sim).as_deref(), Some("node-local-dns"));
+    assert_applied_as_rendered(kubelet.pid(INSTALLER).unwrap(), &installer);
 
     // A new pod's ADD runs the installed plugin: it sets up the node before any resolver.
     let pod = sim.run_pod("default").unwrap();
@@ -268,6 +336,7 @@ fn daemonset_runs_as_rendered(backend: Backend) {
 
     // Every port the resolver listens on is declared.
     let pid = kubelet.pid(RESOLVER).unwrap();
+    assert_applied_as_rendered(pid, &resolver);
     let declared = resolver.declared_ports();
     let listening = listening_ports(&sim, pid);
     assert!(listening.contains(&(53, "UDP".into())), "{listening:?}");

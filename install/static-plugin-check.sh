@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Builds the CNI plugin the way install/Dockerfile does (static glibc: it runs on the HOST,
-# whose libc may be older than the image's) and proves it needs nothing from the filesystem:
-# CNI VERSION answered inside an empty chroot. Run from the repository root, as root (chroot).
+# Builds the CNI plugin with the image's build step (install/build-image.sh plugin: static
+# glibc, since it runs on the HOST, whose libc may be older than the image's) and proves it
+# needs nothing from the filesystem: CNI VERSION answered inside an empty chroot. Run from
+# anywhere, as root (chroot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=x86_64-unknown-linux-gnu
-RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-  cargo build --release --locked -p node-local-dns-cni --target "$target"
-bin="target/$target/release/node-local-dns"
+case "$(uname -m)" in
+  x86_64) arch=amd64 ;;
+  aarch64) arch=arm64 ;;
+  *) echo "static-plugin-check.sh: unsupported machine $(uname -m)" >&2; exit 1 ;;
+esac
+bin=$(install/build-image.sh plugin "$arch")
 if ! file "$bin" | grep -q "static"; then
   echo "not statically linked: $(file "$bin")" >&2
   exit 1

@@ -1,8 +1,10 @@
-//! install/ manifests: rendered without a cluster and validated against the Kubernetes OpenAPI
-//! schemas (PyPI `kubernetes-validate`, offline) by tests/validate_manifests.py; then the
-//! rendered objects are checked for what a deployment requires, and the installer container's
-//! command and environment are run for real against temp dirs.
-//! Needs: python3 with `pip install kubernetes-validate` (brings jsonschema) and PyYAML.
+//! install/ manifests: rendered by the real `kubectl kustomize` (no cluster needed) and
+//! validated against the Kubernetes OpenAPI schemas (PyPI `kubernetes-validate`, offline) by
+//! tests/validate_manifests.py; then the rendered objects are checked for what an install
+//! requires, and the installer container's command and environment are run for real against
+//! temp dirs.
+//! Needs: kubectl (`KUBECTL` overrides), python3 with `pip install kubernetes-validate` (brings
+//! jsonschema) and PyYAML.
 
 mod common;
 
@@ -39,11 +41,42 @@ fn rendered() -> Vec<Value> {
     objects
 }
 
+/// Name of every object of ours (the ConfigMap's carries kustomize's content hash after it).
+const NAME: &str = "node-local-dns-cache";
+
 fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects
         .iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("{kind}/{name} not rendered"))
+}
+
+/// The generated ConfigMap: `NAME-<hash>`.
+fn config_map(objects: &[Value]) -> &Value {
+    let prefix = format!("{NAME}-");
+    objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .unwrap_or_else(|| panic!("ConfigMap {prefix}<hash> not rendered"))
+}
+
+/// The number a container's named port stands for.
+fn port_number(c: &Value, name: &Value) -> u64 {
+    if let Some(n) = name.as_u64() {
+        return n;
+    }
+    c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| &p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("port {name} not declared in {}", c["name"]))
 }
 
 fn container<'a>(ds: &'a Value, name: &str) -> &'a Value {
@@ -67,12 +100,12 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
             )
         })
         .collect();
+    config_map(&objects);
     for expected in [
-        ("DaemonSet", "node-local-dns"),
-        ("ConfigMap", "node-local-dns"),
-        ("ServiceAccount", "node-local-dns"),
-        ("PodMonitor", "node-local-dns"),
-        ("PrometheusRule", "node-local-dns"),
+        ("DaemonSet", NAME),
+        ("ServiceAccount", NAME),
+        ("PodMonitor", NAME),
+        ("PrometheusRule", NAME),
     ] {
         assert!(
             kinds.contains(&expected),
@@ -88,7 +121,7 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     }
     assert!(
         !kinds.contains(&("Service", "kube-dns")),
-        "the local-config kube-dns stub must never be applied"
+        "the real kube-dns Service must never be touched"
     );
 }
 
@@ -103,7 +136,7 @@ fn validator_rejects_unknown_fields_wrong_types_and_bad_crd_fields() {
         ),
         (
             "daemonset.yaml",
-            "containerPort: 9253",
+            "containerPort: 9353",
             "containerPort: metrics-port",
             "containerPort",
         ),
@@ -133,27 +166,154 @@ fn validator_rejects_unknown_fields_wrong_types_and_bad_crd_fields() {
     }
 }
 
+/// Nothing to edit per cluster: the binaries take the kube-dns ClusterIP from the service-link
+/// variable KUBE_DNS_SERVICE_HOST, so no ClusterIP (or any other cluster's literal) is rendered.
 #[test]
-fn kube_dns_svc_ip_is_replaced_from_the_kube_dns_service() {
+fn no_cluster_specific_literal_is_rendered() {
+    let objects = rendered();
+    let cm = config_map(&objects);
+    assert!(
+        cm["data"].get("KUBE_DNS_SVC_IP").is_none(),
+        "KUBE_DNS_SVC_IP would override KUBE_DNS_SERVICE_HOST: {}",
+        cm["data"]
+    );
+    let ds = find(&objects, "DaemonSet", NAME);
+    assert_ne!(
+        ds["spec"]["template"]["spec"]["enableServiceLinks"], false,
+        "KUBE_DNS_SERVICE_HOST comes from service links"
+    );
+    let text = serde_json::to_string(&objects).unwrap();
+    // The kube-dns ClusterIP of kubeadm, k3s, EKS and GKE-style clusters.
+    for literal in ["10.96.0.10", "10.43.0.10", "172.20.0.10", "10.100.0.10"] {
+        assert!(!text.contains(literal), "{literal:?} rendered");
+    }
+    assert!(
+        !install_dir().join("kube-dns-service.yaml").exists(),
+        "a file to hand-edit is back"
+    );
+}
+
+/// A settings change makes a new ConfigMap name, which changes the pod template: the
+/// DaemonSet rolls by itself, and old pods keep the ConfigMap they started with.
+#[test]
+fn a_configmap_change_rolls_the_daemonset() {
+    let before = rendered();
     let dir = tempfile::tempdir().unwrap();
     copy_tree(&install_dir(), dir.path());
-    let stub = dir.path().join("kube-dns-service.yaml");
-    let text = fs::read_to_string(&stub).unwrap();
+    let env = dir.path().join("config.env");
+    let text = fs::read_to_string(&env).unwrap();
+    let from = "NODE_LOCAL_DNS_CACHE_DENIAL_CAPACITY=65536";
+    assert!(text.contains(from), "config.env no longer has {from}");
     fs::write(
-        &stub,
-        text.replace("clusterIP: 10.96.0.10", "clusterIP: 10.43.0.10"),
+        &env,
+        text.replace(from, "NODE_LOCAL_DNS_CACHE_DENIAL_CAPACITY=1000"),
     )
     .unwrap();
-    let (ok, objects, stderr) = validate(dir.path());
+    let (ok, after, stderr) = validate(dir.path());
     assert!(ok, "{stderr}");
-    let cm = find(&objects, "ConfigMap", "node-local-dns");
-    assert_eq!(cm["data"]["KUBE_DNS_SVC_IP"], "10.43.0.10");
+
+    let (old, new) = (config_map(&before), config_map(&after));
+    assert_eq!(new["data"]["NODE_LOCAL_DNS_CACHE_DENIAL_CAPACITY"], "1000");
+    assert_ne!(old["metadata"]["name"], new["metadata"]["name"]);
+    for (objects, cm) in [(&before, old), (&after, new)] {
+        let ds = find(objects, "DaemonSet", NAME);
+        for c in ["resolver", "installer"] {
+            assert_eq!(
+                container(ds, c)["envFrom"],
+                json!([{"configMapRef": {"name": cm["metadata"]["name"]}}]),
+                "{c} reads the generated ConfigMap"
+            );
+        }
+    }
+}
+
+/// The NodeLocal DNSCache addon's objects, label and metrics port: applying ours on a cluster
+/// that runs it must create only new objects and select only our pods.
+#[test]
+fn nothing_collides_with_the_nodelocal_dnscache_addon() {
+    let objects = rendered();
+    const ADDON_NAMES: [&str; 2] = ["node-local-dns", "kube-dns-upstream"];
+    for o in &objects {
+        let name = o["metadata"]["name"].as_str().unwrap();
+        assert!(!ADDON_NAMES.contains(&name), "{} {name}", o["kind"]);
+    }
+    let text = serde_json::to_string(&objects).unwrap();
+    assert!(
+        !text.contains(r#""k8s-app":"node-local-dns""#),
+        "the addon's label k8s-app=node-local-dns is used"
+    );
+    let ds = find(&objects, "DaemonSet", NAME);
+    let svc = find(&objects, "Service", &format!("{NAME}-metrics"));
+    let ports = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["containerPort"].clone())
+        .chain(
+            svc["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].clone()),
+        );
+    for port in ports {
+        assert_ne!(port, 9253, "the addon's metrics port");
+    }
+    let cm = config_map(&objects);
+    for (key, value) in cm["data"].as_object().unwrap() {
+        assert!(
+            !value.as_str().unwrap().ends_with(":9253"),
+            "{key} listens on the addon's metrics port"
+        );
+    }
+}
+
+/// Every address the resolver is told to listen on has its port declared (53 on UDP and TCP,
+/// metrics, health): in a hostNetwork pod those are host ports the scheduler accounts for.
+/// tests/tests/daemonset_podman.rs checks the same against the sockets the container opens.
+#[test]
+fn every_listening_port_is_declared() {
+    let objects = rendered();
+    let ds = find(&objects, "DaemonSet", NAME);
+    let resolver = container(ds, "resolver");
+    let declared: Vec<(u64, String)> = resolver["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["containerPort"].as_u64().unwrap(),
+                p["protocol"].as_str().unwrap_or("TCP").to_string(),
+            )
+        })
+        .collect();
+    let cm = config_map(&objects);
+    let metrics = resolver["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NODE_LOCAL_DNS_METRICS_LISTEN")
+        .expect("metrics listen address in env")["value"]
+        .clone();
+    let health = cm["data"]["NODE_LOCAL_DNS_HEALTH_LISTEN"].clone();
+    let mut wanted = vec![(53, "UDP"), (53, "TCP")];
+    for addr in [metrics, health] {
+        let port = addr.as_str().unwrap().rsplit(':').next().unwrap();
+        wanted.push((port.parse().unwrap(), "TCP"));
+    }
+    for (port, proto) in wanted {
+        assert!(
+            declared.contains(&(port, proto.to_string())),
+            "{proto} {port} is not declared: {declared:?}"
+        );
+    }
 }
 
 #[test]
-fn daemonset_has_every_field_a_deployment_requires() {
+fn daemonset_has_every_required_field() {
     let objects = rendered();
-    let ds = find(&objects, "DaemonSet", "node-local-dns");
+    let ds = find(&objects, "DaemonSet", NAME);
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["dnsPolicy"], "Default");
@@ -201,32 +361,38 @@ fn daemonset_has_every_field_a_deployment_requires() {
         json!(["ALL"])
     );
 
-    // KUBE_DNS_SVC_IP reaches both containers from the ConfigMap.
+    // Both containers read the settings from the generated ConfigMap.
+    let cm = config_map(&objects);
     for c in [resolver, installer] {
         assert_eq!(
             c["envFrom"],
-            json!([{"configMapRef": {"name": "node-local-dns"}}]),
+            json!([{"configMapRef": {"name": cm["metadata"]["name"]}}]),
             "{}",
             c["name"]
         );
     }
-    let cm = find(&objects, "ConfigMap", "node-local-dns");
-    assert_eq!(cm["data"]["KUBE_DNS_SVC_IP"], "10.96.0.10");
 
     // Probes point where the resolver is told to serve health.
     let health = cm["data"]["NODE_LOCAL_DNS_HEALTH_LISTEN"].as_str().unwrap();
-    let probe = &resolver["livenessProbe"]["httpGet"];
-    assert_eq!(
-        health,
-        format!("{}:{}", probe["host"].as_str().unwrap(), probe["port"])
-    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &resolver[probe]["httpGet"];
+        assert_eq!(
+            health,
+            format!(
+                "{}:{}",
+                get["host"].as_str().unwrap(),
+                port_number(resolver, &get["port"])
+            ),
+            "{probe}"
+        );
+    }
 }
 
 #[test]
 fn pod_monitor_scrapes_the_port_the_daemonset_names() {
     let objects = rendered();
-    let ds = find(&objects, "DaemonSet", "node-local-dns");
-    let pm = find(&objects, "PodMonitor", "node-local-dns");
+    let ds = find(&objects, "DaemonSet", NAME);
+    let pm = find(&objects, "PodMonitor", NAME);
     let port = pm["spec"]["podMetricsEndpoints"][0]["port"]
         .as_str()
         .unwrap();
@@ -247,7 +413,7 @@ fn pod_monitor_scrapes_the_port_the_daemonset_names() {
 #[test]
 fn every_configmap_setting_is_a_variable_some_binary_reads() {
     let objects = rendered();
-    let cm = find(&objects, "ConfigMap", "node-local-dns");
+    let cm = config_map(&objects);
     // The programs' own flags, and the settings they share (node flags, ClusterIP sources).
     let mut files = vec![
         install_dir().join("src/main.rs"),
@@ -274,8 +440,8 @@ fn every_configmap_setting_is_a_variable_some_binary_reads() {
 #[test]
 fn installer_container_command_and_env_work_with_the_real_binary() {
     let objects = rendered();
-    let ds = find(&objects, "DaemonSet", "node-local-dns");
-    let cm = find(&objects, "ConfigMap", "node-local-dns");
+    let ds = find(&objects, "DaemonSet", NAME);
+    let cm = config_map(&objects);
     let installer_spec = container(ds, "installer");
     let command: Vec<String> = installer_spec["command"]
         .as_array()
@@ -298,12 +464,16 @@ fn installer_container_command_and_env_work_with_the_real_binary() {
     )
     .unwrap();
 
-    let env: BTreeMap<String, String> = cm["data"]
+    let mut env: BTreeMap<String, String> = cm["data"]
         .as_object()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .collect();
+    // What the kubelet injects for the kube-dns Service (service links). KUBE_DNS_SVC_IP
+    // stands in for it until the installer reads KUBE_DNS_SERVICE_HOST itself.
+    env.insert("KUBE_DNS_SERVICE_HOST".into(), "10.96.0.10".into());
+    env.insert("KUBE_DNS_SVC_IP".into(), "10.96.0.10".into());
     let args = command[1..]
         .iter()
         .map(|a| a.replace("=/host/", &format!("={}/", host.display())));
@@ -342,27 +512,64 @@ fn installer_container_command_and_env_work_with_the_real_binary() {
     assert_ok(&ready);
 }
 
+/// install/Dockerfile and install/build-image.sh share one binaries step, which installs
+/// every binary the DaemonSet runs, and install the same runtime packages; build-image.sh tags
+/// the image exactly as the DaemonSet names it.
 #[test]
-fn dockerfile_builds_what_the_daemonset_runs() {
+fn dockerfile_and_build_image_build_what_the_daemonset_runs() {
     let dockerfile = fs::read_to_string(install_dir().join("Dockerfile")).unwrap();
+    let script = fs::read_to_string(install_dir().join("build-image.sh")).unwrap();
     let objects = rendered();
-    let ds = find(&objects, "DaemonSet", "node-local-dns");
+    let ds = find(&objects, "DaemonSet", NAME);
+    assert!(dockerfile.contains("install/build-image.sh binaries \"$TARGETARCH\" /out"));
+    let binaries = script
+        .split("build_binaries() {")
+        .nth(1)
+        .expect("build_binaries in build-image.sh");
     for c in ds["spec"]["template"]["spec"]["containers"]
         .as_array()
         .unwrap()
     {
         let binary = c["command"][0].as_str().unwrap();
         assert!(
-            dockerfile.contains(&format!("/usr/local/bin/{binary}"))
-                || dockerfile.contains(&format!("release/{binary} /usr/local/bin/")),
-            "Dockerfile does not install {binary}"
+            binaries.contains(&format!("release/{binary}\"")),
+            "build-image.sh does not install {binary}"
         );
     }
     assert!(
-        dockerfile.contains("/usr/local/lib/node-local-dns/node-local-dns"),
+        binaries.contains("/usr/local/lib/node-local-dns/node-local-dns"),
         "default --plugin-binary"
     );
-    assert!(dockerfile.contains("install -y --no-install-recommends iptables"));
+
+    let packages = script
+        .lines()
+        .find_map(|l| l.strip_prefix("RUNTIME_PACKAGES=\""))
+        .and_then(|l| l.split('"').next())
+        .expect("RUNTIME_PACKAGES in build-image.sh");
+    let installed: Vec<&str> = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.split("install -y --no-install-recommends ").nth(1))
+        .expect("the runtime stage's apt-get install in the Dockerfile")
+        .split_whitespace()
+        .take_while(|w| *w != "\\" && *w != "&&")
+        .collect();
+    assert_eq!(installed.join(" "), packages, "runtime packages differ");
+
+    let tag = Command::new(install_dir().join("build-image.sh"))
+        .arg("tag")
+        .output()
+        .unwrap();
+    assert_ok(&tag);
+    for c in ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(
+            c["image"].as_str().unwrap(),
+            String::from_utf8_lossy(&tag.stdout).trim()
+        );
+    }
 }
 
 fn mounts(c: &Value) -> Vec<String> {

@@ -35,9 +35,9 @@ pub const MAX_UDP_COALESCE: Duration = Duration::from_millis(1);
 /// every upstream attempt must be over by then, so the client gets an answer or SERVFAIL.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The `--cache-max-bytes` default: the one place it is decided.
+/// The `--cache-max-bytes` default: the one place it is decided (from the memory limit).
 pub fn default_cache_max_bytes() -> usize {
-    256 << 20
+    crate::memlimit::default_cache_max_bytes()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -222,7 +222,8 @@ pub struct Args {
     #[arg(long, env = "NODE_LOCAL_DNS_CACHE_DENIAL_MAX_TTL", value_parser = parse_duration, default_value = "5s")]
     pub cache_denial_max_ttl: Duration,
     /// Overall cache memory budget (LRU eviction past it): bytes or a size such as 64MiB,
-    /// 1GiB, 256M. Default: 256MiB.
+    /// 1GiB, 256M. Default: from the container's memory limit (what it leaves after the rest
+    /// of the process), 256MiB without a limit.
     #[arg(long, env = "NODE_LOCAL_DNS_CACHE_MAX_BYTES", value_parser = parse_size)]
     pub cache_max_bytes: Option<usize>,
     /// How long expired entries may still be served when upstreams fail (RFC 8767).
@@ -703,11 +704,23 @@ mod tests {
         let c = loopback_with(&[]).unwrap();
         // CacheConfig::default (cache/mod.rs, used by the cache's tests and benches) repeats
         // the flags' defaults; this keeps the two equal.
+        // The byte budget follows the memory limit of wherever the test runs; without one it
+        // is the cache's own default.
         assert_eq!(
             format!("{:?}", c.cache),
-            format!("{:?}", CacheConfig::default())
+            format!(
+                "{:?}",
+                CacheConfig {
+                    max_bytes: c.cache.max_bytes,
+                    ..CacheConfig::default()
+                }
+            )
         );
         assert_eq!(c.cache.max_bytes, default_cache_max_bytes());
+        assert_eq!(
+            CacheConfig::default().max_bytes,
+            crate::memlimit::DEFAULT_BUDGET
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod drain;
 pub mod http;
+pub mod memlimit;
 pub mod metrics;
 pub mod pace;
 pub mod resolve;

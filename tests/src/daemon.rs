@@ -1,6 +1,6 @@
 //! The resolver daemon started as its DaemonSet starts it: hostNetwork (the node's network
 //! namespace), the node's filesystem (so it sees the plugin's stats under /run), the env the
-//! manifest sets (KUBE_DNS_SVC_IP, NODE_IP from status.hostIP).
+//! manifest sets (the kube-dns ClusterIP, NODE_IP from status.hostIP).
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +34,7 @@ impl DaemonOptions {
         Self {
             cluster_dns,
             node_ip,
-            metrics: SocketAddr::from(([127, 0, 0, 1], 9253)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9353)),
             health: SocketAddr::from(([127, 0, 0, 1], 8080)),
             sync_interval_secs: 2,
             extra_args: Vec::new(),
@@ -64,8 +64,10 @@ impl Daemon {
         }
         let logf = fs::File::create(&log).map_err(|e| HarnessError::Io(format!("{log:?}"), e))?;
         let cluster_dns: Vec<String> = opts.cluster_dns.iter().map(ToString::to_string).collect();
-        // The env of install/daemonset.yaml + configmap.yaml; ports differ per instance so
-        // two can overlap, and the sync interval is shortened to keep the tests quick.
+        // The env of install/daemonset.yaml + config.env; ports differ per instance so two
+        // can overlap, and the sync interval is shortened to keep the tests quick. The
+        // ConfigMap leaves KUBE_DNS_SVC_IP unset (the binaries fall back to the service link
+        // KUBE_DNS_SERVICE_HOST); it is set here so the cluster DNS is explicit either way.
         let mut cmd = fs_.command(&bin.to_string_lossy());
         cmd.env("KUBE_DNS_SVC_IP", cluster_dns.join(","))
             .env("NO_COLOR", "1")

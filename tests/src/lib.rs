@@ -16,11 +16,14 @@ pub mod daemon;
 pub mod dns;
 pub mod install;
 pub mod iptables;
+pub mod kubelet;
 pub mod kubeproxy;
 pub mod kubeproxy_nft;
+pub mod memcg;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod podspec;
 pub mod runtime;
 
 pub use daemon::{Daemon, DaemonOptions};
@@ -223,9 +226,9 @@ impl SimNode {
             node::NODE_IP.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         );
         let n = self.daemon_count as u16;
-        // As the DaemonSet: metrics on $(NODE_IP):9253, health on 127.0.0.1:9254.
-        o.metrics = SocketAddr::new(o.node_ip, 9253 + 2 * n);
-        o.health = SocketAddr::from(([127, 0, 0, 1], 9254 + 2 * n));
+        // As the DaemonSet: metrics on $(NODE_IP):9353, health on 127.0.0.1:9354.
+        o.metrics = SocketAddr::new(o.node_ip, 9353 + 2 * n);
+        o.health = SocketAddr::from(([127, 0, 0, 1], 9354 + 2 * n));
         o
     }
 

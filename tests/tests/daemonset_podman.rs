@@ -4,7 +4,8 @@
 //! memory limit, hostPath mounts and probes (tests/src/podspec.rs). With them the installer
 //! chains the plugin and a new pod's ADD runs it; the resolver answers the pod from its cache,
 //! its probes and the PodMonitor's port answer, every port it listens on is declared; killing
-//! it falls back to kube-proxy at once and its restart takes DNS back. Both iptables backends.
+//! it falls back to kube-proxy at once and its restart takes DNS back. Every kube-proxy mode:
+//! iptables through either backend, and nftables.
 //!
 //! Needs the image in this machine's podman store (`install/build-image.sh`), kubectl and
 //! python3-yaml; runs as root.
@@ -22,7 +23,7 @@ use simnode::kubelet::Kubelet;
 use simnode::metrics::http_get;
 use simnode::node::{CLUSTER_IP, NODE_IP};
 use simnode::podspec::{ContainerSpec, NodeFacts, Rendered};
-use simnode::{Backend, SimNode, SimOptions};
+use simnode::{KubeProxyMode, SimNode, SimOptions};
 
 const INSTALLER: &str = "nld-installer";
 const RESOLVER: &str = "nld-resolver";
@@ -249,7 +250,7 @@ fn assert_applied_as_rendered(pid: i32, c: &ContainerSpec<'_>) {
     assert_eq!(applied, Some(want), "{name}: memory limit {limit}");
 }
 
-fn daemonset_runs_as_rendered(backend: Backend) {
+fn daemonset_runs_as_rendered(mode: KubeProxyMode) {
     let rendered = Rendered::kustomize(&install_dir()).unwrap();
     let ds = rendered.only("DaemonSet").unwrap();
     let installer = rendered.container(ds, "installer").unwrap();
@@ -260,7 +261,7 @@ fn daemonset_runs_as_rendered(backend: Backend) {
     // A node whose primary CNI wrote its conflist; nothing of ours installed yet.
     let mut sim = SimNode::new(SimOptions {
         install: false,
-        ..SimOptions::new(backend)
+        ..SimOptions::new(mode)
     })
     .unwrap();
     let mut kubelet = Kubelet::new(&sim.fs, sim.node.path()).unwrap();
@@ -294,7 +295,7 @@ fn daemonset_runs_as_rendered(backend: Backend) {
     .unwrap_or_else(|e| panic!("{e}\n{}", kubelet.logs(RESOLVER)));
     eprintln!(
         "{}: DaemonSet pod start to ready under podman: {:?}",
-        backend.name(),
+        mode.name(),
         start.elapsed()
     );
 
@@ -367,10 +368,15 @@ fn daemonset_runs_as_rendered(backend: Backend) {
 
 #[test]
 fn daemonset_runs_as_rendered_iptables_nft() {
-    daemonset_runs_as_rendered(Backend::Nft);
+    daemonset_runs_as_rendered(KubeProxyMode::IptablesNft);
 }
 
 #[test]
 fn daemonset_runs_as_rendered_iptables_legacy() {
-    daemonset_runs_as_rendered(Backend::Legacy);
+    daemonset_runs_as_rendered(KubeProxyMode::IptablesLegacy);
+}
+
+#[test]
+fn daemonset_runs_as_rendered_nftables() {
+    daemonset_runs_as_rendered(KubeProxyMode::Nftables);
 }

@@ -114,7 +114,7 @@ pub fn observe_family(
 ) -> Result<(RuleDiff, Vec<SavedRule>), SetupError> {
     let saved = desired::parse_save(&table.save_raw(family)?);
     let wanted: Vec<&Rule> = desired.rules_of(family).collect();
-    Ok((diff_rules(&wanted, &saved), saved))
+    Ok((diff_rules(&wanted, &desired.cluster_ips, &saved), saved))
 }
 
 /// Edits one family's rules so the diff becomes clean; returns the changes made.
@@ -129,6 +129,15 @@ pub fn repair_family(
     for s in &diff.unwanted {
         table.delete(family, &s.chain, &s.spec)?;
         changes.push(format!("deleted stale rule -A {} {}", s.chain, s.spec));
+    }
+    for s in &diff.foreign {
+        table.delete(family, &s.chain, &s.spec)?;
+        tracing::warn!(
+            chain = %s.chain,
+            rule = %s.spec,
+            "deleted the NodeLocal DNSCache addon's NOTRACK for the kube-dns ClusterIP: it blackholes DNS whenever no cache listens"
+        );
+        changes.push(format!("deleted foreign rule -A {} {}", s.chain, s.spec));
     }
     let wanted: Vec<&Rule> = desired.rules_of(family).collect();
     let mut to_insert: Vec<&Rule> = Vec::new();

@@ -271,6 +271,21 @@ fn migration(backend: Backend, exit: AddonExit) {
     our_fallback_and_restart_work(&mut sim, &pod, backend);
 }
 
+/// The control: without us, the addon's leftovers (`-skipteardown`, a crash) blackhole pod
+/// DNS: its NOTRACK keeps kube-proxy's DNAT away and nobody listens on the ClusterIP.
+fn addon_leftovers_blackhole_pod_dns_without_us(backend: Backend) {
+    let _g = lock();
+    let (sim, mut addon, pod) = node_with_addon(backend);
+    addon.kill_listener();
+    let result = query_db(&pod);
+    eprintln!(
+        "[{}] the addon's listener dead, its rules left, no cache of ours: {result:?}",
+        backend.name()
+    );
+    assert!(result.is_err(), "pod DNS is blackholed: {result:?}");
+    assert_eq!(sim.node.upstream_queries_for(DB).unwrap(), 0);
+}
+
 macro_rules! both_backends {
     ($($name:ident => $body:expr;)*) => {
         mod legacy {
@@ -285,6 +300,7 @@ macro_rules! both_backends {
 }
 
 both_backends! {
+    control_addon_leftovers_blackhole_pod_dns => addon_leftovers_blackhole_pod_dns_without_us;
     addon_listener_dies_rules_stay => |b| migration(b, AddonExit::ListenerDiesRulesStay);
     addon_tears_down => |b| migration(b, AddonExit::Teardown);
 }

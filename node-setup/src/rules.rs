@@ -130,15 +130,19 @@ pub fn repair_family(
         table.delete(family, &s.chain, &s.spec)?;
         changes.push(format!("deleted stale rule -A {} {}", s.chain, s.spec));
     }
+    let mut foreign = Vec::new();
     for s in &diff.foreign {
         table.delete(family, &s.chain, &s.spec)?;
-        tracing::warn!(
-            chain = %s.chain,
-            rule = %s.spec,
-            "deleted the NodeLocal DNSCache addon's NOTRACK for the kube-dns ClusterIP: it blackholes DNS whenever no cache listens"
-        );
-        changes.push(format!("deleted foreign rule -A {} {}", s.chain, s.spec));
+        foreign.push(format!("-A {} {}", s.chain, s.spec));
     }
+    if !foreign.is_empty() {
+        // One line per repair: the operator sees what was removed and why, once.
+        tracing::warn!(
+            rules = ?foreign,
+            "deleted the NodeLocal DNSCache addon's NOTRACK rules for the kube-dns ClusterIP: they blackhole DNS whenever no cache listens"
+        );
+    }
+    changes.extend(foreign.iter().map(|r| format!("deleted foreign rule {r}")));
     let wanted: Vec<&Rule> = desired.rules_of(family).collect();
     let mut to_insert: Vec<&Rule> = Vec::new();
     for rule in &wanted {

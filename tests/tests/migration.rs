@@ -247,6 +247,11 @@ fn migration(backend: Backend, exit: AddonExit) {
             );
             let raw = addon.rules_left("raw").unwrap();
             assert_eq!(raw.len(), 12, "the addon's harmless rules stay: {raw:#?}");
+            let log = sim.daemons[0].log_text();
+            assert!(
+                log.contains("deleted the NodeLocal DNSCache addon's NOTRACK rules"),
+                "our daemon says what it removed:\n{log}"
+            );
             assert!(
                 !raw.iter()
                     .any(|r| r.contains("-d 10.96.0.10/32") && r.contains("--dport 53 ")),

@@ -169,13 +169,17 @@ fn ensure_in(
     links: &FakeLinks,
     table: &FakeTable,
 ) -> (String, Vec<String>) {
+    let applied = applied_in(dir, cfg, links, table);
+    (applied.link_kind, applied.changes)
+}
+
+fn applied_in(dir: &Path, cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Applied {
     let lock_path = dir.join("setup.lock");
     let lock = LockSpec {
         path: &lock_path,
         timeout: Duration::from_secs(1),
     };
-    let applied = ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap();
-    (applied.link_kind, applied.changes)
+    ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap()
 }
 
 #[test]
@@ -458,13 +462,7 @@ fn addon_blackholes(table: &FakeTable) -> Vec<String> {
 }
 
 fn ensure_applied(cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Applied {
-    let dir = tempfile::tempdir().unwrap();
-    let lock_path = dir.path().join("setup.lock");
-    let lock = LockSpec {
-        path: &lock_path,
-        timeout: Duration::from_secs(1),
-    };
-    ensure_with(&DesiredState::from_config(cfg), links, table, &lock).unwrap()
+    applied_in(tempfile::tempdir().unwrap().path(), cfg, links, table)
 }
 
 #[test]

@@ -166,8 +166,10 @@ fn add_interface(ns: &Netns) -> Result<(), HarnessError> {
     Ok(())
 }
 
-/// knotd bound to the addon's two addresses with SO_REUSEPORT on UDP (socket-affinity) and
-/// TCP (tcp-reuseport), as CoreDNS binds them, so our daemon can bind beside it.
+/// knotd bound to the addon's two addresses with SO_REUSEPORT, as CoreDNS binds them, so our
+/// daemon can bind beside it: on UDP knotd does that with more than one UDP worker, on TCP with
+/// tcp-reuseport. Not socket-affinity: that attaches a BPF program to the reuseport group that
+/// would steer every query to knotd's own sockets, which CoreDNS does not do.
 fn write_knot_files(dir: &std::path::Path) -> Result<(), HarnessError> {
     let mut zone = String::from(
         "$ORIGIN cluster.local.\n$TTL 30\n@ SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 5\n@ NS ns.dns.cluster.local.\nns.dns A 10.96.0.10\n",
@@ -176,7 +178,7 @@ fn write_knot_files(dir: &std::path::Path) -> Result<(), HarnessError> {
         zone.push_str(&format!("{name}. A {ip}\n"));
     }
     let conf = format!(
-        "server:\n    rundir: \"{d}\"\n    listen: [ {CLUSTER_IP}@53, {LOCAL_IP}@53 ]\n    udp-workers: 2\n    tcp-workers: 1\n    background-workers: 1\n    socket-affinity: on\n    tcp-reuseport: on\n\
+        "server:\n    rundir: \"{d}\"\n    listen: [ {CLUSTER_IP}@53, {LOCAL_IP}@53 ]\n    udp-workers: 2\n    tcp-workers: 1\n    background-workers: 1\n    tcp-reuseport: on\n\
          database:\n    storage: \"{d}/db\"\n\
          log:\n  - target: stderr\n    any: error\n\
          zone:\n  - domain: cluster.local\n    storage: \"{d}\"\n    file: \"cluster.local.zone\"\n    zonefile-sync: -1\n    journal-content: none\n",

@@ -12,6 +12,9 @@ use crate::{Missing, NodeConfig, SocketMatch};
 /// Every rule we own carries a comment starting with this, so it can be found, checked and
 /// removed again (uninstall, config changes). Never change it: upgrades depend on it.
 pub const COMMENT_PREFIX: &str = "node-local-dns:";
+/// The NodeLocal DNSCache addon (kubernetes/dns `node-cache`) tags its rules with this
+/// (docs/addon-migration.md lists them).
+pub const ADDON_COMMENT_PREFIX: &str = "NodeLocal DNS Cache:";
 pub const TABLE: &str = "raw";
 pub const PREROUTING: &str = "PREROUTING";
 pub const OUTPUT: &str = "OUTPUT";
@@ -92,6 +95,9 @@ pub struct DesiredState {
     pub interface: String,
     pub addresses: Vec<Address>,
     pub rules: Vec<Rule>,
+    /// The kube-dns ClusterIPs: another product's unconditional NOTRACK for DNS to one of
+    /// them defeats the fallback and is removed.
+    pub cluster_ips: Vec<IpAddr>,
 }
 
 impl DesiredState {
@@ -127,6 +133,7 @@ impl DesiredState {
             interface: cfg.interface.clone(),
             addresses,
             rules,
+            cluster_ips: cfg.cluster_dns.clone(),
         }
     }
 
@@ -215,7 +222,36 @@ pub struct SavedRule {
 
 impl SavedRule {
     pub fn is_ours(&self) -> bool {
-        self.spec.contains(&format!("--comment \"{COMMENT_PREFIX}"))
+        self.has_comment_prefix(COMMENT_PREFIX)
+    }
+
+    /// Written by the NodeLocal DNSCache addon.
+    pub fn is_addon(&self) -> bool {
+        self.has_comment_prefix(ADDON_COMMENT_PREFIX)
+    }
+
+    fn has_comment_prefix(&self, prefix: &str) -> bool {
+        self.spec.contains(&format!("--comment \"{prefix}"))
+    }
+
+    /// The addon's NOTRACK for DNS to a kube-dns ClusterIP with no socket match (its raw
+    /// PREROUTING rule for pods, its raw OUTPUT rule for hostNetwork clients). Once its cache
+    /// is gone that rule still skips kube-proxy's DNAT, so DNS to the ClusterIP is delivered
+    /// to a port nobody listens on: it defeats our fallback (docs/design.md §1), and in OUTPUT
+    /// it also loops our own upstream queries back to the node. The addon's other rules (for
+    /// its link-local address, for replies, for its health port) do no harm beside ours.
+    pub fn is_addon_cluster_dns_blackhole(&self, cluster_ips: &[IpAddr]) -> bool {
+        let args: Vec<&str> = self.spec.split_whitespace().collect();
+        let follows = |flag: &str, value: &str| args.windows(2).any(|w| w == [flag, value]);
+        let to_cluster_ip = cluster_ips.iter().any(|ip| follows("-d", &host(*ip)));
+        let notrack =
+            follows("-j", "NOTRACK") || (follows("-j", "CT") && args.contains(&"--notrack"));
+        self.is_addon()
+            && (self.chain == PREROUTING || self.chain == OUTPUT)
+            && to_cluster_ip
+            && follows("--dport", "53")
+            && !follows("-m", "socket")
+            && notrack
     }
 }
 
@@ -242,6 +278,9 @@ pub struct RuleDiff {
     pub output_duplicated: Vec<Rule>,
     /// Rules tagged as ours that the config no longer wants (old ClusterIP, other socketMatch).
     pub unwanted: Vec<SavedRule>,
+    /// Another product's rules that defeat our fallback (the addon's unconditional NOTRACK
+    /// for DNS to the ClusterIP): removed.
+    pub foreign: Vec<SavedRule>,
 }
 
 impl RuleDiff {
@@ -250,11 +289,13 @@ impl RuleDiff {
             && !self.prerouting_misplaced
             && self.output_duplicated.is_empty()
             && self.unwanted.is_empty()
+            && self.foreign.is_empty()
     }
 }
 
-/// Compares one family's desired rules with its `-save` output.
-pub fn diff_rules(desired: &[&Rule], saved: &[SavedRule]) -> RuleDiff {
+/// Compares one family's desired rules with its `-save` output; `cluster_ips` are the
+/// ClusterIPs whose DNS another product's rules must not blackhole.
+pub fn diff_rules(desired: &[&Rule], cluster_ips: &[IpAddr], saved: &[SavedRule]) -> RuleDiff {
     let count = |rule: &Rule| {
         let spec = rule.save_spec();
         saved
@@ -280,6 +321,11 @@ pub fn diff_rules(desired: &[&Rule], saved: &[SavedRule]) -> RuleDiff {
                 .iter()
                 .any(|r| r.chain == s.chain && r.save_spec() == s.spec)
         })
+        .cloned()
+        .collect();
+    diff.foreign = saved
+        .iter()
+        .filter(|s| s.is_addon_cluster_dns_blackhole(cluster_ips))
         .cloned()
         .collect();
     diff
@@ -327,6 +373,11 @@ pub fn rule_diff_to_missing(diff: &RuleDiff, desired: &[&Rule]) -> Vec<Missing> 
             }),
     );
     out.extend(diff.unwanted.iter().map(|s| Missing::UnwantedRule {
+        table: TABLE.into(),
+        chain: s.chain.clone(),
+        spec: s.spec.clone(),
+    }));
+    out.extend(diff.foreign.iter().map(|s| Missing::ForeignRule {
         table: TABLE.into(),
         chain: s.chain.clone(),
         spec: s.spec.clone(),

@@ -66,6 +66,14 @@ pub enum Missing {
         chain: String,
         spec: String,
     },
+    /// Another product's rule that defeats the fallback to kube-proxy (the NodeLocal
+    /// DNSCache addon's NOTRACK for DNS to the ClusterIP without a socket match): pod DNS is
+    /// blackholed whenever no cache listens. `ensure_node` deletes it.
+    ForeignRule {
+        table: String,
+        chain: String,
+        spec: String,
+    },
 }
 
 impl std::fmt::Display for Missing {
@@ -84,6 +92,12 @@ impl std::fmt::Display for Missing {
             }
             Missing::UnwantedRule { table, chain, spec } => {
                 write!(f, "stale rule: -t {table} -A {chain} {spec}")
+            }
+            Missing::ForeignRule { table, chain, spec } => {
+                write!(
+                    f,
+                    "foreign rule blackholes DNS when no cache listens: -t {table} -A {chain} {spec}"
+                )
             }
         }
     }

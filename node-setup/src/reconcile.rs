@@ -19,6 +19,17 @@ pub struct SetupReport {
     pub changes: Vec<String>,
     /// iptables backend programmed: "legacy" or "nft".
     pub iptables_backend: String,
+    /// Another product's rules deleted because they defeat the fallback (the NodeLocal
+    /// DNSCache addon's NOTRACK for DNS to the ClusterIP); each is also in `changes`.
+    pub foreign_rules_removed: usize,
+}
+
+/// What the ensure flow did, before the backend is added to it.
+#[derive(Debug, Default)]
+struct Applied {
+    link_kind: String,
+    changes: Vec<String>,
+    foreign_rules_removed: usize,
 }
 
 /// `ensure_node` against the real kernel.
@@ -27,12 +38,12 @@ pub fn ensure(cfg: &NodeConfig) -> Result<SetupReport, SetupError> {
     let desired = DesiredState::from_config(cfg);
     let backend = remembered_backend(cfg)?;
     let links = Netlink::open()?;
-    let (link_kind, changes) =
-        ensure_with(&desired, &links, &Iptables::new(backend), &lock_of(cfg))?;
+    let applied = ensure_with(&desired, &links, &Iptables::new(backend), &lock_of(cfg))?;
     Ok(SetupReport {
-        link_kind,
-        changes,
+        link_kind: applied.link_kind,
+        changes: applied.changes,
         iptables_backend: backend.name().to_string(),
+        foreign_rules_removed: applied.foreign_rules_removed,
     })
 }
 
@@ -129,13 +140,13 @@ fn observe(
 
 /// The whole ensure flow over the two traits: look without the lock (fast path: everything in
 /// place, nothing written), otherwise take the lock, look again (another ADD may have fixed it
-/// meanwhile) and repair what is still missing. Returns the link kind and the changes made.
+/// meanwhile) and repair what is still missing.
 fn ensure_with(
     desired: &DesiredState,
     links: &dyn Links,
     table: &dyn RuleTable,
     lock: &LockSpec<'_>,
-) -> Result<(String, Vec<String>), SetupError> {
+) -> Result<Applied, SetupError> {
     // The generation is read before the rules are, so a change in between shows up as a
     // different generation next time.
     let (key, rules_known_clean) = verified::rules_generation(desired, table, lock.path);
@@ -144,18 +155,24 @@ fn ensure_with(
         if let (Some(key), false) = (&key, rules_known_clean) {
             verified::remember_verified(key, lock.path);
         }
-        return Ok((link_kind(&first.net, desired), Vec::new()));
+        return Ok(Applied {
+            link_kind: link_kind(&first.net, desired),
+            ..Applied::default()
+        });
     }
     let _guard = lock.acquire()?;
     let now = observe(desired, links, table, false)?;
-    let mut changes = Vec::new();
-    let net = repair_links(desired, links, &now.net, &mut changes)?;
+    let mut applied = Applied::default();
+    let net = repair_links(desired, links, &now.net, &mut applied.changes)?;
     for (family, diff, saved) in &now.rules {
         if !diff.is_clean() {
-            changes.extend(rules::repair_family(table, desired, *family, diff, saved)?);
+            let changes = rules::repair_family(table, desired, *family, diff, saved)?;
+            applied.changes.extend(changes);
+            applied.foreign_rules_removed += diff.foreign.len();
         }
     }
-    Ok((link_kind(&net, desired), changes))
+    applied.link_kind = link_kind(&net, desired);
+    Ok(applied)
 }
 
 /// Creates the interface if needed and adds the addresses no interface carries yet.

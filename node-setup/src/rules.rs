@@ -114,7 +114,7 @@ pub fn observe_family(
 ) -> Result<(RuleDiff, Vec<SavedRule>), SetupError> {
     let saved = desired::parse_save(&table.save_raw(family)?);
     let wanted: Vec<&Rule> = desired.rules_of(family).collect();
-    Ok((diff_rules(&wanted, &saved), saved))
+    Ok((diff_rules(&wanted, &desired.cluster_ips, &saved), saved))
 }
 
 /// Edits one family's rules so the diff becomes clean; returns the changes made.
@@ -130,6 +130,19 @@ pub fn repair_family(
         table.delete(family, &s.chain, &s.spec)?;
         changes.push(format!("deleted stale rule -A {} {}", s.chain, s.spec));
     }
+    let mut foreign = Vec::new();
+    for s in &diff.foreign {
+        table.delete(family, &s.chain, &s.spec)?;
+        foreign.push(format!("-A {} {}", s.chain, s.spec));
+    }
+    if !foreign.is_empty() {
+        // One line per repair: the operator sees what was removed and why, once.
+        tracing::warn!(
+            rules = ?foreign,
+            "deleted the NodeLocal DNSCache addon's NOTRACK rules for the kube-dns ClusterIP: they blackhole DNS whenever no cache listens"
+        );
+    }
+    changes.extend(foreign.iter().map(|r| format!("deleted foreign rule {r}")));
     let wanted: Vec<&Rule> = desired.rules_of(family).collect();
     let mut to_insert: Vec<&Rule> = Vec::new();
     for rule in &wanted {

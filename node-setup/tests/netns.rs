@@ -159,6 +159,108 @@ fn deleted_rules_and_foreign_accept_are_repaired(backend: IptablesBackend) {
     });
 }
 
+/// What the NodeLocal DNSCache addon leaves on a node (`-localip 169.254.20.10,10.96.0.10`):
+/// its raw and filter rules in `iptables-save` form.
+const ADDON_SAVE: &str = include_str!("data/addon-rules.save");
+
+fn restore(backend: IptablesBackend, text: &str) {
+    use std::io::Write;
+    let mut child = Command::new(format!("{}-restore", save_cmd(backend, false)))
+        .args(["-w", "-n"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn addon_rules(backend: IptablesBackend, table: &str) -> Vec<String> {
+    sh(
+        &format!("{}-save", save_cmd(backend, false)),
+        &["-t", table],
+    )
+    .lines()
+    .filter(|l| l.contains("NodeLocal DNS Cache"))
+    .map(String::from)
+    .collect()
+}
+
+/// The addon's interface (a bridge: this kernel has no dummy) with its two addresses.
+fn addon_interface() {
+    sh("ip", &["link", "add", "nodelocaldns", "type", "bridge"]);
+    for addr in ["169.254.20.10/32", "10.96.0.10/32"] {
+        sh("ip", &["addr", "add", addr, "dev", "nodelocaldns"]);
+    }
+}
+
+/// The addon's state in place: `ensure_node` deletes exactly its four NOTRACKs for DNS to the
+/// ClusterIP (raw PREROUTING and OUTPUT, no socket match), reports and counts them, keeps its
+/// other rules and its interface; after the addon's own teardown the next ensure restores the
+/// interface it took with it.
+fn addon_blackholes_removed_and_the_rest_kept(backend: IptablesBackend) {
+    in_new_netns(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(backend, &[CLUSTER_V4], &dir);
+        addon_interface();
+        restore(backend, ADDON_SAVE);
+        let foreign: Vec<Missing> = check_node(&c)
+            .unwrap()
+            .into_iter()
+            .filter(|m| matches!(m, Missing::ForeignRule { .. }))
+            .collect();
+        assert_eq!(foreign.len(), 4, "{foreign:#?}");
+
+        let report = ensure_node(&c).unwrap();
+        assert_eq!(report.foreign_rules_removed, 4, "{report:?}");
+        assert_everything_once(backend, false, CLUSTER_V4);
+        assert_eq!(check_node(&c).unwrap(), Vec::<Missing>::new());
+        let raw = addon_rules(backend, "raw");
+        assert_eq!(raw.len(), 12, "{raw:#?}");
+        assert!(
+            !raw.iter()
+                .any(|r| r.contains("-d 10.96.0.10/32") && r.contains("--dport 53 ")),
+            "{raw:#?}"
+        );
+        assert_eq!(addon_rules(backend, "filter").len(), 8);
+        assert_eq!(ensure_node(&c).unwrap().foreign_rules_removed, 0);
+
+        // The addon's teardown: its rules by their exact text, then its interface.
+        for table in ["raw", "filter"] {
+            for line in addon_rules(backend, table) {
+                let del = line.replacen("-A", "-D", 1);
+                sh(
+                    &save_cmd(backend, false),
+                    &[&["-w", "-t", table][..], &shell_words(&del)].concat(),
+                );
+            }
+        }
+        sh("ip", &["link", "del", "nodelocaldns"]);
+        assert!(
+            check_node(&c)
+                .unwrap()
+                .contains(&Missing::Interface("nodelocaldns".into())),
+            "the addon's teardown takes the shared interface"
+        );
+        ensure_node(&c).unwrap();
+        assert_everything_once(backend, false, CLUSTER_V4);
+    });
+}
+
+#[test]
+fn addon_blackholes_removed_and_the_rest_kept_legacy() {
+    addon_blackholes_removed_and_the_rest_kept(IptablesBackend::Legacy);
+}
+
+#[test]
+fn addon_blackholes_removed_and_the_rest_kept_nft() {
+    addon_blackholes_removed_and_the_rest_kept(IptablesBackend::Nft);
+}
+
 /// Splits a save line, keeping the quoted comment as one word.
 fn shell_words(line: &str) -> Vec<&str> {
     let mut out = Vec::new();

@@ -10,6 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+pub mod addon;
 pub mod clusterdns;
 pub mod cmd;
 pub mod daemon;

@@ -169,6 +169,11 @@ fn ensure_in(
     links: &FakeLinks,
     table: &FakeTable,
 ) -> (String, Vec<String>) {
+    let applied = applied_in(dir, cfg, links, table);
+    (applied.link_kind, applied.changes)
+}
+
+fn applied_in(dir: &Path, cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Applied {
     let lock_path = dir.join("setup.lock");
     let lock = LockSpec {
         path: &lock_path,
@@ -429,4 +434,134 @@ fn teardown_removes_our_rules_and_interface_only() {
     assert_eq!(table.chain(Family::V4, "PREROUTING"), vec!["-j ACCEPT"]);
     assert!(table.chain(Family::V4, "OUTPUT").is_empty());
     assert!(links.state.borrow().link("nodelocaldns").is_none());
+}
+
+/// What the NodeLocal DNSCache addon writes with `-localip 169.254.20.10,10.96.0.10`, as
+/// `iptables-save` prints it (raw and filter; identical for both backends).
+const ADDON_SAVE: &str = include_str!("../../tests/data/addon-rules.save");
+
+/// The raw-table part of `ADDON_SAVE` (the filter table is not ours to read).
+fn addon_raw() -> Vec<SavedRule> {
+    let raw = ADDON_SAVE.split("*filter").next().unwrap_or_default();
+    desired::parse_save(raw)
+}
+
+fn with_addon_rules(table: &FakeTable) {
+    for saved in addon_raw().iter().rev() {
+        table.push_first(Family::V4, &saved.chain, &saved.spec);
+    }
+}
+
+fn addon_blackholes(table: &FakeTable) -> Vec<String> {
+    ["PREROUTING", "OUTPUT"]
+        .iter()
+        .flat_map(|ch| table.chain(Family::V4, ch))
+        .filter(|s| s.contains("NodeLocal DNS Cache") && s.starts_with("-d 10.96.0.10/32"))
+        .filter(|s| s.contains("--dport 53 "))
+        .collect()
+}
+
+fn ensure_applied(cfg: &NodeConfig, links: &FakeLinks, table: &FakeTable) -> Applied {
+    applied_in(tempfile::tempdir().unwrap().path(), cfg, links, table)
+}
+
+#[test]
+fn addon_rules_are_classified_by_comment_target_and_socket_match() {
+    let cluster = [ip(CLUSTER)];
+    let blackholes: Vec<SavedRule> = addon_raw()
+        .into_iter()
+        .filter(|s| s.is_addon_cluster_dns_blackhole(&cluster))
+        .collect();
+    let described: Vec<(&str, &str)> = blackholes
+        .iter()
+        .map(|s| (s.chain.as_str(), &s.spec[..41]))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            ("PREROUTING", "-d 10.96.0.10/32 -p udp -m udp --dport 53"),
+            ("PREROUTING", "-d 10.96.0.10/32 -p tcp -m tcp --dport 53"),
+            ("OUTPUT", "-d 10.96.0.10/32 -p udp -m udp --dport 53"),
+            ("OUTPUT", "-d 10.96.0.10/32 -p tcp -m tcp --dport 53"),
+        ]
+    );
+    let rule = |chain: &str, spec: &str| SavedRule {
+        chain: chain.into(),
+        spec: spec.into(),
+    };
+    let comment = "-m comment --comment \"NodeLocal DNS Cache: skip conntrack\"";
+    // With a socket match the rule already falls back: harmless.
+    let gated = format!("-d 10.96.0.10/32 -p udp -m udp --dport 53 -m socket {comment} -j NOTRACK");
+    assert!(!rule("PREROUTING", &gated).is_addon_cluster_dns_blackhole(&cluster));
+    // Another product's rule, even the same match: not ours to judge.
+    let untagged = "-d 10.96.0.10/32 -p udp -m udp --dport 53 -j NOTRACK";
+    assert!(!rule("PREROUTING", untagged).is_addon_cluster_dns_blackhole(&cluster));
+    // The CT target spelling, and an IPv6 ClusterIP.
+    let ct6 = format!("-d fd00::a/128 -p udp -m udp --dport 53 {comment} -j CT --notrack");
+    assert!(rule("PREROUTING", &ct6).is_addon_cluster_dns_blackhole(&[ip("fd00::a")]));
+    // A ClusterIP we are not configured for is left alone.
+    assert!(!blackholes[0].is_addon_cluster_dns_blackhole(&[ip("10.96.0.11")]));
+}
+
+#[test]
+fn addon_blackhole_rules_are_removed_counted_and_the_rest_kept() {
+    let (links, table) = (FakeLinks::new(true), FakeTable::default());
+    with_addon_rules(&table);
+    let c = cfg(&[CLUSTER]);
+    let foreign: Vec<Missing> = missing(&c, &links, &table)
+        .into_iter()
+        .filter(|m| matches!(m, Missing::ForeignRule { .. }))
+        .collect();
+    assert_eq!(foreign.len(), 4, "{foreign:?}");
+    assert!(
+        foreign[0]
+            .to_string()
+            .starts_with("foreign rule blackholes DNS")
+    );
+
+    let applied = ensure_applied(&c, &links, &table);
+    assert_eq!(applied.foreign_rules_removed, 4);
+    let deleted = applied
+        .changes
+        .iter()
+        .filter(|c| c.starts_with("deleted foreign rule"))
+        .count();
+    assert_eq!(deleted, 4, "{:?}", applied.changes);
+    assert!(addon_blackholes(&table).is_empty());
+    assert!(missing(&c, &links, &table).is_empty());
+    // The other 12 rules of the addon stay, below ours.
+    let pre = table.chain(Family::V4, "PREROUTING");
+    assert_eq!(pre[0], udp_pre());
+    let addon_left = ["PREROUTING", "OUTPUT"]
+        .iter()
+        .flat_map(|ch| table.chain(Family::V4, ch))
+        .filter(|s| s.contains("NodeLocal DNS Cache"))
+        .count();
+    assert_eq!(addon_left, 12);
+    assert_eq!(ensure_applied(&c, &links, &table).foreign_rules_removed, 0);
+}
+
+#[test]
+fn addon_rule_added_back_by_its_sync_loop_is_removed_again() {
+    let (links, dir) = (FakeLinks::new(true), tempfile::tempdir().unwrap());
+    let table = FakeTable {
+        has_generation: true,
+        ..FakeTable::default()
+    };
+    let c = cfg(&[CLUSTER]);
+    with_addon_rules(&table);
+    ensure_in(dir.path(), &c, &links, &table);
+    ensure_in(dir.path(), &c, &links, &table);
+    // The addon's periodic EnsureRule prepends it again (above ours).
+    let addon_pre = addon_raw()[0].spec.clone();
+    table.push_first(Family::V4, "PREROUTING", &addon_pre);
+    let (_, changes) = ensure_in(dir.path(), &c, &links, &table);
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("deleted foreign rule")),
+        "{changes:?}"
+    );
+    assert!(addon_blackholes(&table).is_empty());
+    assert_eq!(table.chain(Family::V4, "PREROUTING")[0], udp_pre());
 }

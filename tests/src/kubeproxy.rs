@@ -45,6 +45,14 @@ impl KubeProxyMode {
         }
     }
 
+    /// kube-proxy's iptables mode through `backend`.
+    pub fn iptables(backend: Backend) -> Self {
+        match backend {
+            Backend::Legacy => KubeProxyMode::IptablesLegacy,
+            Backend::Nft => KubeProxyMode::IptablesNft,
+        }
+    }
+
     /// The iptables backend our node setup ends up using beside this kube-proxy (backend
     /// `auto`): kube-proxy's own in the iptables modes; in nftables mode neither backend has a
     /// `KUBE-` chain, the count ties and the tie goes to nft.

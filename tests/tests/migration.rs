@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use simnode::addon::Addon;
 use simnode::dns::{LoadReport, LoadSpec, PortMode, TYPE_A, query_udp, spawn_load};
 use simnode::netns::in_netns;
-use simnode::{Backend, Pod, SimNode, SimOptions};
+use simnode::{Backend, KubeProxyMode, Pod, SimNode, SimOptions};
 
 /// The load runs need the two cores to themselves to keep ≥ 500 q/s.
 static HEAVY: Mutex<()> = Mutex::new(());
@@ -98,7 +98,8 @@ fn query_db(pod: &Pod) -> Result<IpAddr, String> {
 /// (a) A node where only the addon runs: pod DNS is answered by the addon's listener, never
 /// by the cluster DNS pods behind kube-proxy.
 fn node_with_addon(backend: Backend) -> (SimNode, Addon, Pod) {
-    let mut opts = SimOptions::new(backend);
+    // The addon only speaks iptables: kube-proxy in iptables mode through the same backend.
+    let mut opts = SimOptions::new(KubeProxyMode::iptables(backend));
     opts.install = false;
     let mut sim = SimNode::new(opts).expect("simulated node");
     let addon_dir = sim.node.dir.path().join("addon");

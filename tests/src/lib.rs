@@ -7,6 +7,8 @@
 //! plugin into the bridge conflist ([`install`]); the resolver daemon started as its DaemonSet
 //! would ([`daemon`]); and clients ([`dns`], [`metrics`]). Everything is torn down on drop.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 

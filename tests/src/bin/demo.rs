@@ -10,6 +10,8 @@
 //! the demo itself, and forwards SIGINT/SIGTERM to the child as SIGTERM. The child stops at
 //! the next step and drops the simulated node, which removes everything it started.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, Stdio};

@@ -512,12 +512,6 @@ impl ServerMetrics {
     }
 }
 
-/// Reads the rcode of a reply (header only; extended bits are not needed for labels here
-/// except BADVERS, which callers pass explicitly).
-pub fn reply_rcode(reply: &[u8]) -> u16 {
-    reply.get(3).map(|b| (b & 0x0f) as u16).unwrap_or(2)
-}
-
 fn counter_family(
     name: &str,
     help: &str,

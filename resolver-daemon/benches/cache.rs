@@ -158,7 +158,7 @@ fn bench_insert(c: &mut Criterion) {
     });
 }
 
-/// One idle-sweep pass over a full cache (the seed's 120 000 + 65 536 entries, asked and
+/// One idle-sweep pass over a full cache (the Deckhouse module's 120 000 + 65 536 entries, asked and
 /// popular but nowhere near their prefetch point): what the sweep costs every 250 ms.
 fn bench_idle_sweep(c: &mut Criterion) {
     let now = Instant::now();

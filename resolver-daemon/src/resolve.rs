@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The idle sweep visits every cache entry once per pass of 250 ms: inside the second half
 /// of the prefetch window of a 5 s TTL (the last 6.25–12.5 %, ≥ 312 ms), where the sweep
-/// claims entries, so popular entries of the seed's shortest default clamps are claimed
+/// claims entries, so popular entries of the Deckhouse module's shortest default clamps are claimed
 /// before they expire. A big cache is swept in up to 10 steps spread over the pass, each
 /// taking a slice of every shard, so a shard lock is held for at most ~1 200 entries at the
 /// default capacities; a cache of up to `IDLE_SWEEP_STEP_ENTRIES` is swept in one step

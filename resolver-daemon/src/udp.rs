@@ -26,7 +26,7 @@ const RECV_BUF: usize = 4096;
 
 /// How long a prefetch may wait for company (checked when the thread wakes: at the latest
 /// after the 100 ms receive timeout). Entries come due with 12.5–25 % of their TTL left,
-/// ≥ 625 ms at the seed's 5 s denial clamp, so the wait costs no freshness.
+/// ≥ 625 ms at the Deckhouse module's 5 s denial clamp, so the wait costs no freshness.
 pub const PREFETCH_BATCH_DELAY: Duration = Duration::from_millis(10);
 /// A batch leaves at once when it reaches this size.
 const PREFETCH_BATCH_MAX: usize = 64;

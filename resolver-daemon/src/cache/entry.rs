@@ -336,7 +336,7 @@ impl Entry {
 
     /// Counts a fresh hit; true at most once per entry, when the question was asked often
     /// enough within the window and less than the configured share of the TTL is left.
-    /// Millisecond precision: with the seed's 5 s denial TTL, "25 % left" is the last 1.25 s.
+    /// Millisecond precision: with the Deckhouse module's 5 s denial TTL, "25 % left" is the last 1.25 s.
     pub(super) fn note_hit(&mut self, age: Duration, cfg: &CacheConfig) -> bool {
         self.asked = true;
         let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);

@@ -52,7 +52,7 @@ pub struct CacheConfig {
 }
 
 impl Default for CacheConfig {
-    /// The seed's (Deckhouse node-local-dns / CoreDNS cache plugin) values.
+    /// The Deckhouse module's (node-local-dns / CoreDNS cache plugin) values.
     fn default() -> Self {
         Self {
             success_capacity: 120_000,

@@ -749,6 +749,67 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_path_hands_a_miss_on_parsed_and_answers_errors_itself() {
+        let f = Fixture::new(false);
+        let req = f.request("fast.example.");
+        let mut out = Vec::new();
+        let fast = f
+            .resolver
+            .answer_fast(req.bytes(), f.now(), &mut out, Proto::Udp, &f.metrics);
+        match fast {
+            Fast::Miss(q) => assert_eq!((q.qname, q.qtype), (&b"\x04fast\x07example\x00"[..], 1)),
+            other => panic!("expected a miss, got {other:?}"),
+        }
+        assert!(out.is_empty(), "nothing written for a miss");
+        let mut notify = req.bytes().to_vec();
+        notify[2] |= 4 << 3; // opcode NOTIFY
+        match f
+            .resolver
+            .answer_fast(&notify, f.now(), &mut out, Proto::Tcp, &f.metrics)
+        {
+            Fast::Reply { answered, prefetch } => {
+                assert_eq!(
+                    (answered.plugin, answered.rcode),
+                    (Plugin::None, rcode::NOTIMP)
+                );
+                assert!(!prefetch);
+                assert_eq!(wire::reply_rcode(&out), rcode::NOTIMP);
+            }
+            other => panic!("expected NOTIMP, got {other:?}"),
+        }
+        let short = &req.bytes()[..5];
+        assert!(matches!(
+            f.resolver
+                .answer_fast(short, f.now(), &mut out, Proto::Udp, &f.metrics),
+            Fast::Drop
+        ));
+    }
+
+    #[test]
+    fn a_miss_answered_upstream_is_then_a_hit() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            f.resolve("hit.example.").await;
+            let req = f.request("hit.example.");
+            let mut out = Vec::new();
+            let fast =
+                f.resolver
+                    .answer_fast(req.bytes(), f.now(), &mut out, Proto::Udp, &f.metrics);
+            match fast {
+                Fast::Reply { answered, .. } => {
+                    assert_eq!(
+                        (answered.plugin, answered.rcode),
+                        (Plugin::Cache, rcode::NOERROR)
+                    );
+                    assert_eq!(answered.type_idx, qtype_index(1));
+                }
+                other => panic!("expected a hit, got {other:?}"),
+            }
+            assert_eq!(wire::message_id(&out), Some(0x1234));
+        });
+    }
+
+    #[test]
     fn in_flight_guards_count_until_dropped() {
         let f = Fixture::new(false);
         let a = f.resolver.in_flight();

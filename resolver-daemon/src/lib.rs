@@ -1,7 +1,7 @@
 //! node-local-dns-resolver: a node-local caching DNS forwarder.
 //!
 //! Query flow: `udp` (hot thread: recvmmsg → `wire::parse_query` → `cache` → sendmmsg) or
-//! `tcp` → `resolve::answer_fast`; on a miss a `request::Request` (parsed once) goes to
+//! `tcp` → `fast::answer_fast`; on a miss a `request::Request` (parsed once) goes to
 //! `resolve::Resolver` (coalescing, stale, prefetch) → `upstream` (validated exchange) →
 //! `cache::insert` → reply; `answer` counts, logs and sends every reply; `wire` owns every
 //! DNS byte rule; `server` wires it all.
@@ -13,6 +13,7 @@ pub mod answer;
 pub mod cache;
 pub mod config;
 pub mod drain;
+pub mod fast;
 pub mod http;
 pub mod metrics;
 pub mod pace;

@@ -1,12 +1,12 @@
-//! Answering: the allocation-free cache-hit decision shared by UDP and TCP (`answer_fast`),
-//! the overload rule (`stale_or_servfail`), and the miss path on tokio (`Resolver`): request
-//! coalescing, forwarding through an `Upstream`, caching, serve-stale, prefetch.
+//! The miss path on tokio (`Resolver`): request coalescing, forwarding through an
+//! `Upstream`, caching, serve-stale, prefetch and the idle sweep.
 
 use crate::answer::Answered;
 use crate::cache::{Answer, Cache, CacheKey, Inserted};
-use crate::metrics::{Plugin, Proto, ServerMetrics, qtype_index};
+use crate::fast::{Fast, answer_fast, stale_or_servfail};
+use crate::metrics::{Plugin, Proto, ServerMetrics};
 use crate::pace::TokenBucket;
-use crate::request::{Request, answer_limit};
+use crate::request::Request;
 use crate::upstream::{Forwarder, Upstream};
 use crate::wire::{self, Query, rcode, reply_rcode};
 use std::collections::HashMap;
@@ -36,86 +36,6 @@ fn sweep_parts(entries: usize) -> usize {
     entries
         .div_ceil(IDLE_SWEEP_STEP_ENTRIES)
         .clamp(1, IDLE_SWEEP_MAX_PARTS)
-}
-
-/// What the fast path decided for one client message.
-#[derive(Debug, Clone, Copy)]
-pub enum Fast<'a> {
-    /// `out` holds the reply.
-    Reply { answered: Answered, prefetch: bool },
-    /// Nothing to send (too short, QR=1).
-    Drop,
-    /// Not in the cache: the tokio side must forward it. The query, parsed once, travels on.
-    Miss(Query<'a>),
-}
-
-/// Parses and answers from the cache or with an error reply; never allocates once `out`
-/// has grown to its working size.
-pub fn answer_fast<'a>(
-    cache: &Cache,
-    pkt: &'a [u8],
-    now: Instant,
-    out: &mut Vec<u8>,
-    transport: Proto,
-    m: &ServerMetrics,
-) -> Fast<'a> {
-    out.clear();
-    let q = match wire::parse_query(pkt) {
-        Ok(q) => q,
-        Err(e) => {
-            let Some(rcode) = e.rcode() else {
-                return Fast::Drop;
-            };
-            let answered = Answered::new(Plugin::None, rcode, 0);
-            m.request(answered.type_idx, pkt.len());
-            wire::write_error_response(pkt, None, rcode, out);
-            return Fast::Reply {
-                answered,
-                prefetch: false,
-            };
-        }
-    };
-    let type_idx = qtype_index(q.qtype);
-    m.request(type_idx, pkt.len());
-    match cache.answer(&q, now, out, answer_limit(&q, transport)) {
-        Answer::Fresh { kind, prefetch } => {
-            m.cache_hit(kind);
-            if prefetch {
-                m.prefetch.inc();
-            }
-            let answered = Answered {
-                plugin: Plugin::Cache,
-                rcode: reply_rcode(out),
-                qtype: q.qtype,
-                type_idx,
-            };
-            Fast::Reply { answered, prefetch }
-        }
-        Answer::Miss => {
-            m.cache_miss();
-            Fast::Miss(q)
-        }
-    }
-}
-
-/// No upstream answer to give (upstream failed, concurrency cap, full miss queue): an
-/// expired answer if the cache still has one (RFC 8767), else SERVFAIL. Writes into `out`.
-pub fn stale_or_servfail(
-    cache: &Cache,
-    q: &Query<'_>,
-    msg: &[u8],
-    now: Instant,
-    limit: usize,
-    m: &ServerMetrics,
-    out: &mut Vec<u8>,
-) -> Answered {
-    out.clear();
-    if cache.answer_stale(q, now, out, limit) {
-        m.stale.inc();
-        return Answered::new(Plugin::Cache, reply_rcode(out), q.qtype);
-    }
-    wire::write_error_response(msg, Some(q), rcode::SERVFAIL, out);
-    Answered::new(Plugin::None, rcode::SERVFAIL, q.qtype)
 }
 
 /// The time as the resolver sees it; tests move it by hand.
@@ -209,14 +129,14 @@ impl<U: Upstream> Resolver<U> {
     }
 
     /// `answer_fast` against this resolver's cache.
-    pub fn answer_fast<'a>(
+    pub fn answer_fast(
         &self,
-        pkt: &'a [u8],
+        pkt: &[u8],
         now: Instant,
         out: &mut Vec<u8>,
         transport: Proto,
         m: &ServerMetrics,
-    ) -> Fast<'a> {
+    ) -> Fast {
         answer_fast(&self.cache, pkt, now, out, transport, m)
     }
 
@@ -444,6 +364,7 @@ mod tests {
     use super::*;
     use crate::cache::CacheConfig;
     use crate::metrics::Metrics;
+    use crate::metrics::qtype_index;
     use crate::upstream::ForwardError;
     use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
     use hickory_proto::rr::rdata::A;
@@ -757,7 +678,10 @@ mod tests {
             .resolver
             .answer_fast(req.bytes(), f.now(), &mut out, Proto::Udp, &f.metrics);
         match fast {
-            Fast::Miss(q) => assert_eq!((q.qname, q.qtype), (&b"\x04fast\x07example\x00"[..], 1)),
+            Fast::Miss(parsed) => {
+                let q = parsed.attach(req.bytes());
+                assert_eq!((q.qname, q.qtype), (&b"\x04fast\x07example\x00"[..], 1));
+            }
             other => panic!("expected a miss, got {other:?}"),
         }
         assert!(out.is_empty(), "nothing written for a miss");

@@ -2,9 +2,10 @@
 //! concurrently (replies may come back out of order, as RFC 7766 allows).
 
 use crate::answer::{Accounting, Responder, answer_miss, finish};
+use crate::fast::Fast;
 use crate::metrics::Proto;
 use crate::request::Request;
-use crate::resolve::{Fast, Resolver};
+use crate::resolve::Resolver;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,7 +103,7 @@ impl TcpServer {
             Fast::Reply { answered, .. } => {
                 return finish(&self.accounting, to, &answered, &out, peer, received).await;
             }
-            Fast::Miss(q) => q.detach(),
+            Fast::Miss(parsed) => parsed,
         };
         let req = Request::new(msg, parsed, peer, Proto::Tcp, received);
         answer_miss(&self.resolver, req, &self.accounting, to).await;

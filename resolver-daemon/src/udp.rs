@@ -8,10 +8,10 @@
 use crate::answer::Accounting;
 use crate::cache::Cache;
 use crate::drain::RawUdpSender;
+use crate::fast::{Fast, answer_fast, stale_or_servfail};
 use crate::metrics::Proto;
 use crate::request::Request;
-use crate::resolve::{Fast, answer_fast, stale_or_servfail};
-use crate::wire::{self, Query};
+use crate::wire::{self, ParsedQuery, Query};
 use socket2::{SockAddr, Socket};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -410,10 +410,10 @@ impl HotPath {
                     Some(answered)
                 }
                 Fast::Drop => None,
-                Fast::Miss(q) => match b.peer(i) {
+                Fast::Miss(parsed) => match b.peer(i) {
                     None => None,
-                    Some(peer) if self.hand_over(pkt, &q, peer, now) => None,
-                    Some(_) => Some(self.overloaded(pkt, &q, now, &mut out)),
+                    Some(peer) if self.hand_over(pkt, parsed, peer, now) => None,
+                    Some(_) => Some(self.overloaded(pkt, &parsed.attach(pkt), now, &mut out)),
                 },
             };
             if let Some(a) = answered {
@@ -425,8 +425,8 @@ impl HotPath {
     }
 
     /// Queues a missed datagram for the tokio side; false when the queue is full.
-    fn hand_over(&self, pkt: &[u8], q: &Query<'_>, peer: SocketAddr, now: Instant) -> bool {
-        let request = Request::new(pkt.to_vec(), q.detach(), peer, Proto::Udp, now);
+    fn hand_over(&self, pkt: &[u8], parsed: ParsedQuery, peer: SocketAddr, now: Instant) -> bool {
+        let request = Request::new(pkt.to_vec(), parsed, peer, Proto::Udp, now);
         let job = Job::Miss(Miss {
             request,
             listener: self.listener,

@@ -54,7 +54,10 @@ pub fn message_id(msg: &[u8]) -> Option<u16> {
 /// The header rcode of a reply (extended bits live in the OPT record; callers that write
 /// BADVERS know it already). A reply too short to carry one counts as SERVFAIL.
 pub fn reply_rcode(reply: &[u8]) -> u16 {
-    be16_checked(reply, FLAGS_AT).map_or(rcode::SERVFAIL, |f| f & flag::RCODE_MASK)
+    // The rcode is in the low byte of the flags word: one byte to read on every answer.
+    reply
+        .get(FLAGS_AT + 1)
+        .map_or(rcode::SERVFAIL, |&low| u16::from(low) & flag::RCODE_MASK)
 }
 
 /// The flags word of a message long enough to have one.

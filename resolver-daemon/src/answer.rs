@@ -8,6 +8,7 @@ use crate::request::Request;
 use crate::resolve::Resolver;
 use crate::udp::ReplyHandle;
 use crate::upstream::Upstream;
+use crate::wire;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -117,9 +118,7 @@ impl Responder {
         match self {
             Responder::Udp(handle) => handle.send(bytes, peer),
             Responder::Tcp(writer) => {
-                let mut framed = Vec::with_capacity(bytes.len() + 2);
-                framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-                framed.extend_from_slice(bytes);
+                let framed = wire::tcp_framed(bytes);
                 let _ = writer.lock().await.write_all(&framed).await;
             }
         }

@@ -6,6 +6,7 @@ use crate::fast::Fast;
 use crate::metrics::Proto;
 use crate::request::Request;
 use crate::resolve::Resolver;
+use crate::wire;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,13 +113,13 @@ impl TcpServer {
 
 /// One length-prefixed message; `None` at a clean EOF.
 async fn read_message(rd: &mut tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 2];
+    let mut len = [0u8; wire::TCP_PREFIX_LEN];
     match rd.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    let mut msg = vec![0u8; wire::tcp_message_len(len)];
     rd.read_exact(&mut msg).await?;
     Ok(Some(msg))
 }

@@ -375,13 +375,13 @@ async fn exchange_tcp(
         sock.bind(src).map_err(io_err)?;
     }
     let mut stream = sock.connect(up.addr).await.map_err(io_err)?;
-    let mut msg = Vec::with_capacity(query.len() + 2);
-    msg.extend_from_slice(&(query.len() as u16).to_be_bytes());
-    msg.extend_from_slice(query);
-    stream.write_all(&msg).await.map_err(io_err)?;
-    let mut len = [0u8; 2];
+    stream
+        .write_all(&wire::tcp_framed(query))
+        .await
+        .map_err(io_err)?;
+    let mut len = [0u8; wire::TCP_PREFIX_LEN];
     stream.read_exact(&mut len).await.map_err(io_err)?;
-    let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+    let mut reply = vec![0u8; wire::tcp_message_len(len)];
     stream.read_exact(&mut reply).await.map_err(io_err)?;
     if reply_matches(&reply, q, id) {
         Ok(reply)

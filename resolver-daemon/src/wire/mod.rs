@@ -9,6 +9,7 @@
 //!   upstream queries, the health-check question and the watchdog's probe.
 //! - `reply`: whether an upstream reply answers our query, and the rewrite that makes an
 //!   uncached one a client's.
+//! - `tcp`: the two-byte length prefix of DNS over TCP.
 //!
 //! Everything here reads the message in place: a query is validated by one forward walk over
 //! header, question and additional section, and nothing is copied until a reply is written.
@@ -17,6 +18,7 @@ mod compose;
 mod header;
 mod query;
 mod reply;
+mod tcp;
 
 pub use compose::{PROBE_LEN, build_query, notify_probe, write_error_response, write_opt_record};
 pub(crate) use header::{
@@ -28,6 +30,7 @@ pub use query::{
 };
 pub(crate) use query::{parse_question, read_rr, skip_name};
 pub use reply::{dotted_lowercase, reply_matches, rewrite_for_client};
+pub use tcp::{TCP_PREFIX_LEN, tcp_framed, tcp_message_len};
 
 /// Length of the fixed DNS header.
 pub const HEADER_LEN: usize = 12;

@@ -1,4 +1,4 @@
-//! Prometheus metrics under the CoreDNS names operators already chart (DESIGN.md §4), plus the
+//! Prometheus metrics under the CoreDNS names operators already chart (docs/design.md §4), plus the
 //! node_local_dns_* extras. Hot paths hold pre-resolved handles (`ServerMetrics`) so counting
 //! a query is a few uncontended atomic adds, never a label lookup.
 
@@ -510,12 +510,6 @@ impl ServerMetrics {
         self.cache_requests.inc();
         self.misses.inc();
     }
-}
-
-/// Reads the rcode of a reply (header only; extended bits are not needed for labels here
-/// except BADVERS, which callers pass explicitly).
-pub fn reply_rcode(reply: &[u8]) -> u16 {
-    reply.get(3).map(|b| (b & 0x0f) as u16).unwrap_or(2)
 }
 
 fn counter_family(

@@ -1,28 +1,23 @@
-//! Answering: the allocation-free cache-hit decision shared by UDP and TCP (`answer_fast`),
-//! and the miss path on tokio: request coalescing, forwarding, caching, serve-stale, prefetch.
+//! The miss path on tokio (`Resolver`): request coalescing, forwarding through an
+//! `Upstream`, caching, serve-stale, prefetch and the idle sweep.
 
-use crate::cache::{Answer, Cache, Inserted};
-use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
+use crate::answer::Answered;
+use crate::cache::{Answer, Cache, CacheKey, Inserted};
+use crate::fast::{Fast, answer_fast, stale_or_servfail};
+use crate::metrics::{Plugin, Proto, ServerMetrics};
 use crate::pace::TokenBucket;
-use crate::upstream::Forwarder;
-use crate::wire::{self, Query, WireError};
+use crate::request::Request;
+use crate::upstream::{Forwarder, Upstream};
+use crate::wire::{self, Query, rcode, reply_rcode};
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-pub const RCODE_FORMERR: u16 = 1;
-pub const RCODE_SERVFAIL: u16 = 2;
-pub const RCODE_NOTIMP: u16 = 4;
-pub const RCODE_REFUSED: u16 = 5;
-pub const RCODE_BADVERS: u16 = 16;
-/// Largest TCP answer.
-pub const TCP_LIMIT: usize = 65_535;
-
 /// The idle sweep visits every cache entry once per pass of 250 ms: inside the second half
 /// of the prefetch window of a 5 s TTL (the last 6.25–12.5 %, ≥ 312 ms), where the sweep
-/// claims entries, so popular entries of the seed's shortest default clamps are claimed
+/// claims entries, so popular entries of the Deckhouse module's shortest default clamps are claimed
 /// before they expire. A big cache is swept in up to 10 steps spread over the pass, each
 /// taking a slice of every shard, so a shard lock is held for at most ~1 200 entries at the
 /// default capacities; a cache of up to `IDLE_SWEEP_STEP_ENTRIES` is swept in one step
@@ -43,101 +38,22 @@ fn sweep_parts(entries: usize) -> usize {
         .clamp(1, IDLE_SWEEP_MAX_PARTS)
 }
 
-/// What the fast path decided for one client message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fast {
-    /// `out` holds the reply.
-    Reply {
-        plugin: Plugin,
-        rcode: u16,
-        prefetch: bool,
-        type_idx: usize,
-    },
-    /// Nothing to send (too short, QR=1).
-    Drop,
-    /// Not in the cache: the tokio side must forward it.
-    Miss,
+/// The time as the resolver sees it; tests move it by hand.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
 }
 
-/// Parses and answers from the cache or with an error reply; never allocates once `out`
-/// has grown to its working size.
-pub fn answer_fast(
-    cache: &Cache,
-    pkt: &[u8],
-    now: Instant,
-    out: &mut Vec<u8>,
-    tcp: bool,
-    m: &ServerMetrics,
-) -> Fast {
-    out.clear();
-    let q = match wire::parse_query(pkt) {
-        Ok(q) => q,
-        Err(WireError::TooShort | WireError::IsResponse) => return Fast::Drop,
-        Err(e) => {
-            let rcode = error_rcode(&e);
-            let type_idx = qtype_index(0);
-            m.request(type_idx, pkt.len());
-            wire::write_error_response(pkt, None, rcode, out);
-            return Fast::Reply {
-                plugin: Plugin::None,
-                rcode,
-                prefetch: false,
-                type_idx,
-            };
-        }
-    };
-    let type_idx = qtype_index(q.qtype);
-    m.request(type_idx, pkt.len());
-    let limit = if tcp { TCP_LIMIT } else { wire::udp_limit(&q) };
-    match cache.answer(&q, now, out, limit) {
-        Answer::Fresh { kind, prefetch } => {
-            m.cache_hit(kind);
-            if prefetch {
-                m.prefetch.inc();
-            }
-            Fast::Reply {
-                plugin: Plugin::Cache,
-                rcode: reply_rcode(out),
-                prefetch,
-                type_idx,
-            }
-        }
-        Answer::Miss => {
-            m.cache_miss();
-            Fast::Miss
-        }
+/// The monotonic clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
     }
 }
 
-fn error_rcode(e: &WireError) -> u16 {
-    match e {
-        WireError::NotImplemented(_) => RCODE_NOTIMP,
-        WireError::BadVersion(_) => RCODE_BADVERS,
-        _ => RCODE_FORMERR,
-    }
-}
-
-/// Cache key of in-flight upstream queries (the cache's own key).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    qname: Vec<u8>,
-    qtype: u16,
-    qclass: u16,
-    dnssec_ok: bool,
-    checking_disabled: bool,
-}
-
-impl Key {
-    fn of(q: &Query<'_>) -> Self {
-        Self {
-            qname: q.qname.to_ascii_lowercase(),
-            qtype: q.qtype,
-            qclass: q.qclass,
-            dnssec_ok: q.dnssec_ok(),
-            checking_disabled: q.checking_disabled(),
-        }
-    }
-}
+/// Upstream queries in flight, each with the misses waiting for it.
+type Waiters = Mutex<HashMap<CacheKey, Vec<oneshot::Sender<Outcome>>>>;
 
 #[derive(Debug, Clone)]
 enum Outcome {
@@ -153,6 +69,16 @@ pub struct Reply {
     pub rcode: u16,
 }
 
+impl Reply {
+    fn written(bytes: Vec<u8>, a: Answered) -> Self {
+        Self {
+            bytes,
+            plugin: a.plugin,
+            rcode: a.rcode,
+        }
+    }
+}
+
 /// Where background refreshes wait for `Resolver::pace_refreshes`, and the counter of those
 /// dropped because it was full.
 pub struct RefreshQueue {
@@ -160,118 +86,135 @@ pub struct RefreshQueue {
     pub dropped: prometheus::IntCounter,
 }
 
-pub struct Resolver {
-    pub cache: Arc<Cache>,
-    pub forwarder: Arc<Forwarder>,
-    inflight: Mutex<HashMap<Key, Vec<oneshot::Sender<Outcome>>>>,
-    coalesced: prometheus::IntCounter,
-    refreshes: RefreshQueue,
-    /// Client queries being answered on the tokio side (drained on shutdown).
-    pub busy: AtomicUsize,
+/// Client queries being answered on the tokio side while this lives (drained on shutdown).
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
-impl Resolver {
+pub struct Resolver<U = Forwarder> {
+    cache: Arc<Cache>,
+    upstream: Arc<U>,
+    clock: Box<dyn Clock>,
+    inflight: Waiters,
+    coalesced: prometheus::IntCounter,
+    refreshes: RefreshQueue,
+    busy: Arc<AtomicUsize>,
+}
+
+impl<U: Upstream> Resolver<U> {
     pub fn new(
         cache: Arc<Cache>,
-        forwarder: Arc<Forwarder>,
+        upstream: Arc<U>,
         coalesced: prometheus::IntCounter,
         refreshes: RefreshQueue,
     ) -> Self {
         Self {
             cache,
-            forwarder,
+            upstream,
+            clock: Box::new(SystemClock),
             inflight: Mutex::new(HashMap::new()),
             coalesced,
             refreshes,
-            busy: AtomicUsize::new(0),
+            busy: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Answers a query the cache could not: upstream (coalesced), else stale, else SERVFAIL.
-    /// `None` only for messages the fast path would drop.
-    pub async fn resolve_miss(
-        self: &Arc<Self>,
+    /// The same resolver reading time from `clock`.
+    pub fn with_clock(self, clock: Box<dyn Clock>) -> Self {
+        Self { clock, ..self }
+    }
+
+    /// `answer_fast` against this resolver's cache.
+    pub fn answer_fast(
+        &self,
         pkt: &[u8],
-        tcp: bool,
+        now: Instant,
+        out: &mut Vec<u8>,
+        transport: Proto,
         m: &ServerMetrics,
-    ) -> Option<Reply> {
-        let q = wire::parse_query(pkt).ok()?;
-        let limit = if tcp { TCP_LIMIT } else { wire::udp_limit(&q) };
+    ) -> Fast {
+        answer_fast(&self.cache, pkt, now, out, transport, m)
+    }
+
+    /// Readiness as far as upstreams go (see `Upstream::ready`).
+    pub fn upstream_ready(&self) -> bool {
+        self.upstream.ready()
+    }
+
+    /// Counts a client query as in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.busy.clone())
+    }
+
+    /// Client queries in flight on the tokio side.
+    pub fn queries_in_flight(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Answers a query the cache could not: upstream (coalesced), else stale, else SERVFAIL.
+    pub async fn resolve(&self, req: &Request, m: &ServerMetrics) -> Reply {
+        let q = req.query();
+        let limit = req.limit();
         let mut out = Vec::with_capacity(512);
         // Every upstream known dead: do not make the client wait for a timeout when an
         // expired answer exists (RFC 8767); refresh in the background instead.
-        if !self.forwarder.any_healthy(&q)
-            && self.cache.answer_stale(&q, Instant::now(), &mut out, limit)
+        if !self.upstream.any_healthy(&q)
+            && self
+                .cache
+                .answer_stale(&q, self.clock.now(), &mut out, limit)
         {
             m.stale.inc();
-            self.refresh_in_background(pkt.to_vec());
-            return Some(Reply {
-                rcode: reply_rcode(&out),
-                bytes: out,
-                plugin: Plugin::Cache,
-            });
+            self.refresh_in_background(req.bytes().to_vec());
+            let rcode = reply_rcode(&out);
+            return Reply::written(out, Answered::new(Plugin::Cache, rcode, q.qtype));
         }
         match self.forward_coalesced(&q).await {
-            Outcome::Reply(resp) => Some(self.reply_from_upstream(&q, pkt, &resp, limit, m)),
-            Outcome::Failed => Some(self.stale_or_servfail(&q, pkt, limit, m)),
+            Outcome::Reply(resp) => self.reply_from_upstream(&q, req.bytes(), &resp, limit, m),
+            Outcome::Failed => {
+                let now = self.clock.now();
+                let a = stale_or_servfail(&self.cache, &q, req.bytes(), now, limit, m, &mut out);
+                Reply::written(out, a)
+            }
         }
     }
 
     fn reply_from_upstream(
         &self,
         q: &Query<'_>,
-        pkt: &[u8],
+        msg: &[u8],
         resp: &[u8],
         limit: usize,
         m: &ServerMetrics,
     ) -> Reply {
         let rcode = reply_rcode(resp);
-        if rcode == RCODE_SERVFAIL || rcode == RCODE_REFUSED {
-            let mut out = Vec::new();
-            if self.cache.answer_stale(q, Instant::now(), &mut out, limit) {
-                m.stale.inc();
-                return Reply {
-                    rcode: reply_rcode(&out),
-                    bytes: out,
-                    plugin: Plugin::Cache,
-                };
+        let mut out = Vec::with_capacity(resp.len());
+        if (rcode == rcode::SERVFAIL || rcode == rcode::REFUSED)
+            && self
+                .cache
+                .answer_stale(q, self.clock.now(), &mut out, limit)
+        {
+            m.stale.inc();
+            let stale_rcode = reply_rcode(&out);
+            return Reply::written(out, Answered::new(Plugin::Cache, stale_rcode, q.qtype));
+        }
+        out.clear();
+        if let Answer::Fresh { .. } = self.cache.answer(q, self.clock.now(), &mut out, limit) {
+            let cached_rcode = reply_rcode(&out);
+            return Reply::written(out, Answered::new(Plugin::Forward, cached_rcode, q.qtype));
+        }
+        match wire::rewrite_for_client(resp, q, limit) {
+            Some(bytes) => Reply::written(bytes, Answered::new(Plugin::Forward, rcode, q.qtype)),
+            None => {
+                let mut out = Vec::with_capacity(msg.len() + 11);
+                wire::write_error_response(msg, Some(q), rcode::SERVFAIL, &mut out);
+                Reply::written(out, Answered::new(Plugin::None, rcode::SERVFAIL, q.qtype))
             }
         }
-        let mut out = Vec::with_capacity(resp.len());
-        if let Answer::Fresh { .. } = self.cache.answer(q, Instant::now(), &mut out, limit) {
-            return Reply {
-                rcode: reply_rcode(&out),
-                bytes: out,
-                plugin: Plugin::Forward,
-            };
-        }
-        match rewrite_for_client(resp, q, limit) {
-            Some(bytes) => Reply {
-                rcode,
-                bytes,
-                plugin: Plugin::Forward,
-            },
-            None => servfail(pkt, q),
-        }
-    }
-
-    fn stale_or_servfail(
-        &self,
-        q: &Query<'_>,
-        pkt: &[u8],
-        limit: usize,
-        m: &ServerMetrics,
-    ) -> Reply {
-        let mut out = Vec::new();
-        if self.cache.answer_stale(q, Instant::now(), &mut out, limit) {
-            m.stale.inc();
-            return Reply {
-                rcode: reply_rcode(&out),
-                bytes: out,
-                plugin: Plugin::Cache,
-            };
-        }
-        servfail(pkt, q)
     }
 
     /// Refreshes popular entries whose prefetch point passed with nobody asking
@@ -301,7 +244,7 @@ impl Resolver {
         max: usize,
         started: &prometheus::IntCounter,
     ) -> usize {
-        let sweep = self.cache.idle_refreshes(Instant::now(), slice, max);
+        let sweep = self.cache.idle_refreshes(self.clock.now(), slice, max);
         started.inc_by(sweep.queries.len() as u64);
         sweep
             .queries
@@ -324,10 +267,10 @@ impl Resolver {
     /// second (search mix at 20k q/s) the tokio thread's context switches fell from 1 380 to
     /// 600-720 a second and its CPU from 70 to 42-52 ms a second.
     pub async fn pace_refreshes(self: Arc<Self>, mut queue: mpsc::Receiver<Vec<u8>>, rate: u32) {
-        let mut bucket = TokenBucket::new(rate, Instant::now());
+        let mut bucket = TokenBucket::new(rate, self.clock.now());
         while let Some(pkt) = queue.recv().await {
             if rate > 0 {
-                let wait = bucket.take_in_groups(Instant::now());
+                let wait = bucket.take_in_groups(self.clock.now());
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
@@ -349,7 +292,7 @@ impl Resolver {
     /// Identical concurrent misses share one upstream query: the first becomes the leader,
     /// the others wait for its outcome.
     async fn forward_coalesced(&self, q: &Query<'_>) -> Outcome {
-        let key = Key::of(q);
+        let key = self.cache.key(q);
         let waiter = {
             let Ok(mut map) = self.inflight.lock() else {
                 return Outcome::Failed;
@@ -371,12 +314,12 @@ impl Resolver {
             return rx.await.unwrap_or(Outcome::Failed);
         }
         let mut leader = Leader {
-            resolver: self,
+            inflight: &self.inflight,
             key: Some(key),
         };
-        let outcome = match self.forwarder.forward(q).await {
+        let outcome = match self.upstream.forward(q).await {
             Ok(resp) => {
-                if let Inserted::NotCached(why) = self.cache.insert(q, &resp, Instant::now()) {
+                if let Inserted::NotCached(why) = self.cache.insert(q, &resp, self.clock.now()) {
                     tracing::trace!(why, "upstream answer not cached");
                 }
                 Outcome::Reply(Arc::new(resp))
@@ -393,14 +336,14 @@ impl Resolver {
 
 /// Hands the outcome to the waiters; if the leader is dropped early they get `Failed`.
 struct Leader<'a> {
-    resolver: &'a Resolver,
-    key: Option<Key>,
+    inflight: &'a Waiters,
+    key: Option<CacheKey>,
 }
 
 impl Leader<'_> {
     fn finish(&mut self, outcome: Outcome) {
         let Some(key) = self.key.take() else { return };
-        let waiters = match self.resolver.inflight.lock() {
+        let waiters = match self.inflight.lock() {
             Ok(mut map) => map.remove(&key).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
@@ -416,54 +359,19 @@ impl Drop for Leader<'_> {
     }
 }
 
-pub fn servfail(pkt: &[u8], q: &Query<'_>) -> Reply {
-    let mut out = Vec::with_capacity(pkt.len() + 11);
-    wire::write_error_response(pkt, Some(q), RCODE_SERVFAIL, &mut out);
-    Reply {
-        bytes: out,
-        plugin: Plugin::None,
-        rcode: RCODE_SERVFAIL,
-    }
-}
-
-/// An upstream reply the cache did not keep (SERVFAIL, no-SOA negative, ...), made this
-/// client's: its ID, its question's letter case, no OPT unless it sent EDNS, TC when too big.
-pub fn rewrite_for_client(resp: &[u8], q: &Query<'_>, limit: usize) -> Option<Vec<u8>> {
-    // The cache did not vouch for this reply: it must at least be a well-formed message.
-    let mut msg = hickory_proto::op::Message::from_vec(resp).ok()?;
-    let mut out = if q.edns.is_none() && has_additional(resp) {
-        msg.edns = None;
-        msg.to_vec().ok()?
-    } else {
-        resp.to_vec()
-    };
-    let qend = 12 + q.qname.len();
-    if out.len() < qend + 4 {
-        return None;
-    }
-    out[..2].copy_from_slice(&q.id.to_be_bytes());
-    out[12..qend].copy_from_slice(q.qname);
-    if out.len() > limit {
-        out.truncate(qend + 4);
-        out[2] |= 0x02;
-        out[6..12].fill(0);
-        if let Some(e) = q.edns {
-            out.extend_from_slice(&[0, 0, 41]);
-            out.extend_from_slice(&1232u16.to_be_bytes());
-            out.extend_from_slice(&[0, 0, if e.dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
-            out[11] = 1;
-        }
-    }
-    Some(out)
-}
-
-fn has_additional(resp: &[u8]) -> bool {
-    resp.get(10..12).is_some_and(|c| c != [0, 0])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::CacheConfig;
+    use crate::metrics::Metrics;
+    use crate::metrics::qtype_index;
+    use crate::upstream::ForwardError;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::future::Future;
+    use std::net::Ipv4Addr;
+    use tokio::sync::Semaphore;
 
     #[test]
     fn small_caches_are_swept_in_one_step_and_big_ones_in_slices_of_bounded_size() {
@@ -473,5 +381,367 @@ mod tests {
         // The default capacities (120 000 + 65 536 entries): the most steps, a tenth each.
         assert_eq!(sweep_parts(120_000 + 65_536), IDLE_SWEEP_MAX_PARTS);
         assert_eq!(sweep_parts(10_000_000), IDLE_SWEEP_MAX_PARTS);
+    }
+
+    /// What the fake upstream does with the next queries.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Behaviour {
+        Answer,
+        ServFail,
+        Timeout,
+        Overloaded,
+    }
+
+    /// Answers `A 192.0.2.7` (TTL 30) or fails as told; waits for `gate` permits when gated.
+    struct FakeUpstream {
+        behaviour: Mutex<Behaviour>,
+        calls: AtomicUsize,
+        gate: Option<Semaphore>,
+        healthy: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeUpstream {
+        fn new(gated: bool) -> Arc<Self> {
+            Arc::new(Self {
+                behaviour: Mutex::new(Behaviour::Answer),
+                calls: AtomicUsize::new(0),
+                gate: gated.then(|| Semaphore::new(0)),
+                healthy: std::sync::atomic::AtomicBool::new(true),
+            })
+        }
+
+        fn set(&self, b: Behaviour) {
+            *self.behaviour.lock().unwrap() = b;
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn reply(&self, q: &Query<'_>) -> Result<Vec<u8>, ForwardError> {
+            let addr = "192.0.2.53:53".parse().unwrap();
+            let rcode = match *self.behaviour.lock().unwrap() {
+                Behaviour::Answer => ResponseCode::NoError,
+                Behaviour::ServFail => ResponseCode::ServFail,
+                Behaviour::Timeout => return Err(ForwardError::Timeout(addr)),
+                Behaviour::Overloaded => return Err(ForwardError::Overloaded),
+            };
+            let name = Name::from_ascii(wire::dotted_lowercase(q.qname) + ".").unwrap();
+            let mut m = Message::new(0x4242, MessageType::Response, OpCode::Query);
+            m.metadata.recursion_desired = true;
+            m.metadata.recursion_available = true;
+            m.metadata.response_code = rcode;
+            m.add_query(HQuery::query(name.clone(), RecordType::A));
+            if rcode == ResponseCode::NoError {
+                let a = RData::A(A(Ipv4Addr::new(192, 0, 2, 7)));
+                m.add_answer(Record::from_rdata(name, 30, a));
+            }
+            Ok(m.to_vec().unwrap())
+        }
+    }
+
+    impl Upstream for FakeUpstream {
+        fn forward(
+            &self,
+            q: &Query<'_>,
+        ) -> impl Future<Output = Result<Vec<u8>, ForwardError>> + Send {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let reply = self.reply(q);
+            async move {
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.unwrap().forget();
+                }
+                reply
+            }
+        }
+        fn any_healthy(&self, _q: &Query<'_>) -> bool {
+            self.healthy.load(Ordering::SeqCst)
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+    }
+
+    /// A clock the test moves.
+    struct ManualClock(Arc<Mutex<Instant>>);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    struct Fixture {
+        resolver: Arc<Resolver<FakeUpstream>>,
+        upstream: Arc<FakeUpstream>,
+        time: Arc<Mutex<Instant>>,
+        metrics: ServerMetrics,
+        coalesced: prometheus::IntCounter,
+        _refreshes: mpsc::Receiver<Vec<u8>>,
+    }
+
+    impl Fixture {
+        fn new(gated: bool) -> Self {
+            let cache = Arc::new(Cache::new(CacheConfig::default()));
+            let all = Metrics::new(std::env::temp_dir(), cache.clone(), "test".into()).unwrap();
+            let metrics = all.server("127.0.0.1:53".parse().unwrap(), Proto::Udp);
+            let upstream = FakeUpstream::new(gated);
+            let coalesced = prometheus::IntCounter::new("coalesced", "test").unwrap();
+            let dropped = prometheus::IntCounter::new("dropped", "test").unwrap();
+            let (tx, rx) = mpsc::channel(16);
+            let time = Arc::new(Mutex::new(Instant::now()));
+            let resolver = Resolver::new(
+                cache,
+                upstream.clone(),
+                coalesced.clone(),
+                RefreshQueue { tx, dropped },
+            )
+            .with_clock(Box::new(ManualClock(time.clone())));
+            Self {
+                resolver: Arc::new(resolver),
+                upstream,
+                time,
+                metrics,
+                coalesced,
+                _refreshes: rx,
+            }
+        }
+
+        fn request(&self, name: &str) -> Request {
+            let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = true;
+            m.add_query(HQuery::query(
+                Name::from_ascii(name).unwrap(),
+                RecordType::A,
+            ));
+            let bytes = m.to_vec().unwrap();
+            let parsed = wire::parse_query(&bytes).unwrap().detach();
+            let peer = "192.0.2.1:5353".parse().unwrap();
+            Request::new(bytes, parsed, peer, Proto::Udp, self.now())
+        }
+
+        fn now(&self) -> Instant {
+            *self.time.lock().unwrap()
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.time.lock().unwrap() += by;
+        }
+
+        async fn resolve(&self, name: &str) -> Reply {
+            self.resolver
+                .resolve(&self.request(name), &self.metrics)
+                .await
+        }
+
+        /// Caches `name` from the upstream, then lets the entry expire (stale, not dead).
+        async fn cached_then_expired(&self, name: &str) {
+            let first = self.resolve(name).await;
+            assert_eq!(
+                (first.plugin, first.rcode),
+                (Plugin::Forward, rcode::NOERROR)
+            );
+            self.advance(Duration::from_secs(120));
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    fn has_answer(reply: &Reply) -> bool {
+        let m = Message::from_vec(&reply.bytes).unwrap();
+        m.metadata.id == 0x1234 && m.answers.len() == 1
+    }
+
+    #[test]
+    fn identical_concurrent_misses_share_one_upstream_query() {
+        runtime().block_on(async {
+            let f = Fixture::new(true);
+            let open_gate = async {
+                tokio::task::yield_now().await;
+                f.upstream.gate.as_ref().unwrap().add_permits(1);
+            };
+            let (a, b, ()) = tokio::join!(
+                f.resolve("svc.example."),
+                f.resolve("SVC.example."),
+                open_gate
+            );
+            assert_eq!(f.upstream.calls(), 1, "one upstream query for both");
+            assert_eq!(f.coalesced.get(), 1);
+            assert!(has_answer(&a) && has_answer(&b));
+            assert_eq!((b.plugin, b.rcode), (Plugin::Forward, rcode::NOERROR));
+        });
+    }
+
+    #[test]
+    fn different_questions_are_not_coalesced() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            let (a, b) = tokio::join!(f.resolve("a.example."), f.resolve("b.example."));
+            assert_eq!(f.upstream.calls(), 2);
+            assert_eq!(f.coalesced.get(), 0);
+            assert!(has_answer(&a) && has_answer(&b));
+        });
+    }
+
+    #[test]
+    fn upstream_servfail_or_timeout_serves_the_stale_answer() {
+        runtime().block_on(async {
+            for failure in [Behaviour::ServFail, Behaviour::Timeout] {
+                let f = Fixture::new(false);
+                f.cached_then_expired("stale.example.").await;
+                f.upstream.set(failure);
+                let r = f.resolve("stale.example.").await;
+                assert_eq!(
+                    (r.plugin, r.rcode),
+                    (Plugin::Cache, rcode::NOERROR),
+                    "{failure:?}"
+                );
+                assert!(has_answer(&r), "{failure:?}");
+                assert_eq!(
+                    f.upstream.calls(),
+                    2,
+                    "{failure:?}: the upstream was asked first"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn failure_without_a_stale_answer_is_servfail_or_the_upstreams_rcode() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            f.upstream.set(Behaviour::Timeout);
+            let r = f.resolve("never.example.").await;
+            assert_eq!((r.plugin, r.rcode), (Plugin::None, rcode::SERVFAIL));
+            assert_eq!(wire::message_id(&r.bytes), Some(0x1234));
+            f.upstream.set(Behaviour::ServFail);
+            let r = f.resolve("never.example.").await;
+            assert_eq!((r.plugin, r.rcode), (Plugin::Forward, rcode::SERVFAIL));
+        });
+    }
+
+    #[test]
+    fn past_the_concurrency_cap_stale_else_servfail() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            f.cached_then_expired("known.example.").await;
+            f.upstream.set(Behaviour::Overloaded);
+            let stale = f.resolve("known.example.").await;
+            assert_eq!((stale.plugin, stale.rcode), (Plugin::Cache, rcode::NOERROR));
+            let none = f.resolve("unknown.example.").await;
+            assert_eq!((none.plugin, none.rcode), (Plugin::None, rcode::SERVFAIL));
+        });
+    }
+
+    #[test]
+    fn all_upstreams_down_serves_stale_without_waiting_for_them() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            f.cached_then_expired("down.example.").await;
+            f.upstream.healthy.store(false, Ordering::SeqCst);
+            let r = f.resolve("down.example.").await;
+            assert_eq!((r.plugin, r.rcode), (Plugin::Cache, rcode::NOERROR));
+            assert_eq!(f.upstream.calls(), 1, "not asked again for the client");
+        });
+    }
+
+    #[test]
+    fn the_overload_rule_writes_stale_else_servfail_into_the_buffer() {
+        let f = Fixture::new(false);
+        let req = f.request("overload.example.");
+        let mut out = Vec::new();
+        let cache = &f.resolver.cache;
+        let a = stale_or_servfail(
+            cache,
+            &req.query(),
+            req.bytes(),
+            f.now(),
+            512,
+            &f.metrics,
+            &mut out,
+        );
+        assert_eq!((a.plugin, a.rcode), (Plugin::None, rcode::SERVFAIL));
+        assert_eq!(wire::reply_rcode(&out), rcode::SERVFAIL);
+    }
+
+    #[test]
+    fn the_fast_path_hands_a_miss_on_parsed_and_answers_errors_itself() {
+        let f = Fixture::new(false);
+        let req = f.request("fast.example.");
+        let mut out = Vec::new();
+        let fast = f
+            .resolver
+            .answer_fast(req.bytes(), f.now(), &mut out, Proto::Udp, &f.metrics);
+        match fast {
+            Fast::Miss(parsed) => {
+                let q = parsed.attach(req.bytes());
+                assert_eq!((q.qname, q.qtype), (&b"\x04fast\x07example\x00"[..], 1));
+            }
+            other => panic!("expected a miss, got {other:?}"),
+        }
+        assert!(out.is_empty(), "nothing written for a miss");
+        let mut notify = req.bytes().to_vec();
+        notify[2] |= 4 << 3; // opcode NOTIFY
+        match f
+            .resolver
+            .answer_fast(&notify, f.now(), &mut out, Proto::Tcp, &f.metrics)
+        {
+            Fast::Reply { answered, prefetch } => {
+                assert_eq!(
+                    (answered.plugin, answered.rcode),
+                    (Plugin::None, rcode::NOTIMP)
+                );
+                assert!(!prefetch);
+                assert_eq!(wire::reply_rcode(&out), rcode::NOTIMP);
+            }
+            other => panic!("expected NOTIMP, got {other:?}"),
+        }
+        let short = &req.bytes()[..5];
+        assert!(matches!(
+            f.resolver
+                .answer_fast(short, f.now(), &mut out, Proto::Udp, &f.metrics),
+            Fast::Drop
+        ));
+    }
+
+    #[test]
+    fn a_miss_answered_upstream_is_then_a_hit() {
+        runtime().block_on(async {
+            let f = Fixture::new(false);
+            f.resolve("hit.example.").await;
+            let req = f.request("hit.example.");
+            let mut out = Vec::new();
+            let fast =
+                f.resolver
+                    .answer_fast(req.bytes(), f.now(), &mut out, Proto::Udp, &f.metrics);
+            match fast {
+                Fast::Reply { answered, .. } => {
+                    assert_eq!(
+                        (answered.plugin, answered.rcode),
+                        (Plugin::Cache, rcode::NOERROR)
+                    );
+                    assert_eq!(answered.type_idx, qtype_index(1));
+                }
+                other => panic!("expected a hit, got {other:?}"),
+            }
+            assert_eq!(wire::message_id(&out), Some(0x1234));
+        });
+    }
+
+    #[test]
+    fn in_flight_guards_count_until_dropped() {
+        let f = Fixture::new(false);
+        let a = f.resolver.in_flight();
+        let b = f.resolver.in_flight();
+        assert_eq!(f.resolver.queries_in_flight(), 2);
+        drop(a);
+        assert_eq!(f.resolver.queries_in_flight(), 1);
+        drop(b);
+        assert_eq!(f.resolver.queries_in_flight(), 0);
     }
 }

@@ -2,16 +2,20 @@
 //! starts the threads and tasks, and runs the shutdown sequence (listeners closed first,
 //! in-flight queries drained within the grace period).
 
+use crate::answer::{Accounting, Responder, answer_miss};
 use crate::cache::Cache;
 use crate::config::{Config, MAX_UDP_THREADS, UdpThreads};
 use crate::http::{self, Endpoints};
-use crate::metrics::{Metrics, Proto, ServerMetrics, server_label};
+use crate::metrics::{Metrics, Proto, server_label};
 use crate::resolve::{RefreshQueue, Resolver};
 use crate::sockets::{self, KernelRoutes};
 use crate::tcp::TcpServer;
-use crate::udp::{HotPath, Job, Miss, ReplyHandle, ThreadProgress};
-use crate::upstream::{Forwarder, ForwarderConfig, Upstream, UpstreamSet, resolv_conf_servers};
+use crate::udp::{HotPath, Job, ReplyHandle, ThreadProgress};
+use crate::upstream::{
+    Forwarder, ForwarderConfig, UpstreamServer, UpstreamSet, resolv_conf_servers,
+};
 use crate::watchdog::{self, Heartbeat};
+use socket2::Socket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,10 +48,12 @@ pub enum ServerError {
     Thread(std::io::Error),
 }
 
+/// The tokio side's view of one UDP listener: where its misses' replies go, and their
+/// accounting.
 struct Listener {
-    addr: SocketAddr,
     reply: ReplyHandle,
-    udp_metrics: ServerMetrics,
+    responder: Responder,
+    accounting: Accounting,
 }
 
 struct Health {
@@ -60,13 +66,15 @@ impl Endpoints for Health {
     fn metrics(&self) -> String {
         self.metrics.encode()
     }
+    /// Ready while listening and some upstream is healthy now (`Forwarder::ready`); liveness
+    /// (`/health`) does not depend on upstreams.
     fn ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed) && self.resolver.forwarder.any_answered()
+        self.listening.load(Ordering::Relaxed) && self.resolver.upstream_ready()
     }
 }
 
 fn build_forwarder(cfg: &Config, metrics: &Metrics) -> Result<Forwarder, ServerError> {
-    let with_source = |addr: SocketAddr| -> Result<Upstream, ServerError> {
+    let with_source = |addr: SocketAddr| -> Result<UpstreamServer, ServerError> {
         let source =
             sockets::upstream_bind_source(addr, &cfg.listen, cfg.upstream_source, &KernelRoutes)
                 .map_err(|source| ServerError::UpstreamSource {
@@ -76,7 +84,7 @@ fn build_forwarder(cfg: &Config, metrics: &Metrics) -> Result<Forwarder, ServerE
         if let Some(src) = source {
             tracing::info!(upstream = %addr, %src, "upstream queries bind to the node address (not a listen address)");
         }
-        Ok(Upstream::new(addr, source))
+        Ok(UpstreamServer::new(addr, source))
     };
     let primary = UpstreamSet::new(
         cfg.upstreams
@@ -118,8 +126,55 @@ fn build_forwarder(cfg: &Config, metrics: &Metrics) -> Result<Forwarder, ServerE
     ))
 }
 
+/// The shared core every listener answers from.
+struct Core {
+    cache: Arc<Cache>,
+    metrics: Metrics,
+    forwarder: Arc<Forwarder>,
+    resolver: Arc<Resolver>,
+}
+
+/// One listen address: its UDP sockets (one per thread, with the CPU the thread serves)
+/// and its TCP listener.
+struct Bound {
+    addr: SocketAddr,
+    udp: Vec<(Socket, Option<usize>)>,
+    tcp: std::net::TcpListener,
+}
+
+/// The UDP receive threads and what the rest of the daemon needs of them.
+struct UdpSide {
+    listeners: Arc<Vec<Listener>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    progress: Vec<Arc<ThreadProgress>>,
+    /// Tells the threads to stop.
+    shutdown: Arc<AtomicBool>,
+    jobs: mpsc::Receiver<Job>,
+}
+
 /// Runs the daemon until SIGTERM/SIGINT; Ok after a clean drain.
 pub async fn run(cfg: Config) -> Result<(), ServerError> {
+    let core = build_core(&cfg).await?;
+    let bound = bind_listeners(&cfg)?;
+    let (udp, tcp) = start_udp_threads(&cfg, &core, bound)?;
+    tracing::info!(listen = ?cfg.listen, upstreams = ?cfg.upstreams, "listening");
+    let stop_tcp = start_tokio_side(&cfg, &core, tcp, udp.jobs, udp.listeners.clone())?;
+    let health = start_services(&cfg, &core, udp.progress, udp.shutdown.clone()).await?;
+    wait_for_signal().await?;
+    let stopping = Stopping {
+        health,
+        shutdown: udp.shutdown,
+        stop_tcp,
+        listeners: udp.listeners,
+        threads: udp.threads,
+    };
+    shut_down(stopping, &core.resolver, cfg.grace_period).await;
+    Ok(())
+}
+
+/// Metrics, node setup (the addresses must exist before binding), cache, forwarder and the
+/// resolver with its refresh pacer.
+async fn build_core(cfg: &Config) -> Result<Core, ServerError> {
     let cache = Arc::new(Cache::new(cfg.cache.clone()));
     let first = cfg
         .listen
@@ -132,7 +187,7 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
     if let Some(node) = &cfg.node_setup {
         crate::setup::ensure_once(node, &metrics).await;
     }
-    let forwarder = Arc::new(build_forwarder(&cfg, &metrics)?);
+    let forwarder = Arc::new(build_forwarder(cfg, &metrics)?);
     let (refresh_tx, refresh_rx) = mpsc::channel(crate::pace::queue_len(cfg.prefetch_rate));
     let resolver = Arc::new(Resolver::new(
         cache.clone(),
@@ -148,44 +203,75 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
             .clone()
             .pace_refreshes(refresh_rx, cfg.prefetch_rate),
     );
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let mut progress = Vec::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(JOB_QUEUE);
+    Ok(Core {
+        cache,
+        metrics,
+        forwarder,
+        resolver,
+    })
+}
 
+/// Binds every listen address: UDP sockets for the receive threads, one TCP listener.
+fn bind_listeners(cfg: &Config) -> Result<Vec<Bound>, ServerError> {
+    let thread_cpus = udp_thread_cpus(cfg.threads);
+    let mut bound = Vec::new();
+    for addr in cfg.listen.iter().copied() {
+        let udp = thread_cpus
+            .iter()
+            .map(|&cpu| Ok((sockets::bind_udp(addr, RECV_TIMEOUT, cpu)?, cpu)))
+            .collect::<Result<_, ServerError>>()?;
+        let tcp = sockets::bind_tcp(addr)?;
+        bound.push(Bound { addr, udp, tcp });
+    }
+    Ok(bound)
+}
+
+/// Starts one receive thread per UDP socket; returns the UDP side and the TCP listeners.
+fn start_udp_threads(
+    cfg: &Config,
+    core: &Core,
+    bound: Vec<Bound>,
+) -> Result<(UdpSide, Vec<(SocketAddr, std::net::TcpListener)>), ServerError> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (jobs_tx, jobs) = mpsc::channel::<Job>(JOB_QUEUE);
     let mut listeners = Vec::new();
     let mut threads = Vec::new();
-    let mut tcp_listeners = Vec::new();
-    let thread_cpus = udp_thread_cpus(cfg.threads);
-    for (idx, addr) in cfg.listen.iter().copied().enumerate() {
-        let udp_metrics = metrics.server(addr, Proto::Udp);
-        for (t, &cpu) in thread_cpus.iter().enumerate() {
-            let sock = sockets::bind_udp(addr, RECV_TIMEOUT, cpu)?;
+    let mut progress = Vec::new();
+    let mut tcp = Vec::new();
+    for (idx, b) in bound.into_iter().enumerate() {
+        let addr = b.addr;
+        let accounting = Accounting::new(
+            core.metrics.server(addr, Proto::Udp),
+            cfg.log_queries,
+            addr,
+            Proto::Udp,
+        );
+        for (t, (socket, cpu)) in b.udp.into_iter().enumerate() {
             if t == 0 {
-                let clone = sock.try_clone().map_err(|source| sockets::SocketError {
+                let clone = socket.try_clone().map_err(|source| sockets::SocketError {
                     what: "udp clone",
                     addr,
                     source,
                 })?;
+                let reply = ReplyHandle::new(clone, addr);
                 listeners.push(Listener {
-                    addr,
-                    reply: ReplyHandle::new(clone, addr),
-                    udp_metrics: udp_metrics.clone(),
+                    responder: Responder::Udp(reply.clone()),
+                    reply,
+                    accounting: accounting.clone(),
                 });
             }
             let hot = HotPath {
-                socket: sock,
-                cache: cache.clone(),
+                socket,
+                cache: core.cache.clone(),
                 jobs: jobs_tx.clone(),
-                metrics: udp_metrics.clone(),
+                accounting: accounting.clone(),
                 listener: idx,
                 shutdown: shutdown.clone(),
-                log_queries: cfg.log_queries,
                 progress: Arc::new(ThreadProgress::default()),
                 coalesce: cfg.udp_coalesce,
                 slice: cfg.udp_slice,
                 cpu,
-                prefetch_dropped: metrics.prefetch_dropped.clone(),
+                prefetch_dropped: core.metrics.prefetch_dropped.clone(),
             };
             progress.push(hot.progress.clone());
             let h = std::thread::Builder::new()
@@ -194,74 +280,105 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
                 .map_err(ServerError::Thread)?;
             threads.push(h);
         }
-        tcp_listeners.push((addr, sockets::bind_tcp(addr)?));
+        tcp.push((addr, b.tcp));
     }
-    drop(jobs_tx);
-    let listeners = Arc::new(listeners);
-    tracing::info!(listen = ?cfg.listen, upstreams = ?cfg.upstreams, "listening");
+    let udp = UdpSide {
+        listeners: Arc::new(listeners),
+        threads,
+        progress,
+        shutdown,
+        jobs,
+    };
+    Ok((udp, tcp))
+}
 
+/// TCP servers and the task answering the UDP threads' misses; returns the TCP stop signal.
+fn start_tokio_side(
+    cfg: &Config,
+    core: &Core,
+    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+    jobs: mpsc::Receiver<Job>,
+    listeners: Arc<Vec<Listener>>,
+) -> Result<watch::Sender<bool>, ServerError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
     let conns = Arc::new(Semaphore::new(cfg.tcp_max_connections));
-    for (addr, l) in tcp_listeners {
+    for (addr, l) in tcp {
         let l = tokio::net::TcpListener::from_std(l).map_err(|source| sockets::SocketError {
             what: "tcp listener",
             addr,
             source,
         })?;
         let server = Arc::new(TcpServer {
-            resolver: resolver.clone(),
-            metrics: metrics.server(addr, Proto::Tcp),
+            resolver: core.resolver.clone(),
+            accounting: Accounting::new(
+                core.metrics.server(addr, Proto::Tcp),
+                cfg.log_queries,
+                addr,
+                Proto::Tcp,
+            ),
             connections: conns.clone(),
             idle_timeout: cfg.tcp_idle_timeout,
-            log_queries: cfg.log_queries,
         });
         tokio::spawn(server.serve(l, stop_rx.clone()));
     }
-    tokio::spawn(dispatch_jobs(
-        jobs_rx,
-        resolver.clone(),
-        listeners.clone(),
-        cfg.log_queries,
-    ));
+    tokio::spawn(dispatch_jobs(jobs, core.resolver.clone(), listeners));
+    Ok(stop_tx)
+}
 
+/// HTTP endpoints, upstream health checks, node setup sync, idle sweep, heartbeat and the
+/// watchdog; returns the readiness state the shutdown flips.
+async fn start_services(
+    cfg: &Config,
+    core: &Core,
+    progress: Vec<Arc<ThreadProgress>>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<Arc<Health>, ServerError> {
     let health = Arc::new(Health {
-        metrics: metrics.clone(),
-        resolver: resolver.clone(),
+        metrics: core.metrics.clone(),
+        resolver: core.resolver.clone(),
         listening: AtomicBool::new(true),
     });
-    start_http(&cfg, health.clone()).await?;
-    start_background(&cfg, &forwarder, &metrics);
+    start_http(cfg, health.clone()).await?;
+    start_background(cfg, &core.forwarder, &core.metrics);
     if cfg.cache.prefetch_unasked > 0 {
         tokio::spawn(
-            resolver
+            core.resolver
                 .clone()
-                .sweep_idle_entries(metrics.prefetch_unasked.clone()),
+                .sweep_idle_entries(core.metrics.prefetch_unasked.clone()),
         );
     }
     let heartbeat = Arc::new(Heartbeat::default());
     start_heartbeat(heartbeat.clone());
     if let Some(timeout) = cfg.watchdog_timeout {
-        watchdog::spawn(
-            probe_targets(&cfg),
-            timeout,
-            heartbeat,
-            progress,
-            shutdown.clone(),
-        );
+        watchdog::spawn(probe_targets(cfg), timeout, heartbeat, progress, shutdown);
     }
+    Ok(health)
+}
 
-    wait_for_signal().await?;
+/// What the shutdown sequence stops.
+struct Stopping {
+    health: Arc<Health>,
+    shutdown: Arc<AtomicBool>,
+    stop_tcp: watch::Sender<bool>,
+    listeners: Arc<Vec<Listener>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Listeners first (not ready, sockets closed: clients fall back to kube-proxy's path),
+/// then the queries in flight get the grace period.
+async fn shut_down(s: Stopping, resolver: &Resolver, grace: Duration) {
     tracing::info!("shutting down: closing listeners");
-    health.listening.store(false, Ordering::Relaxed);
-    shutdown.store(true, Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    for l in listeners.iter() {
+    s.health.listening.store(false, Ordering::Relaxed);
+    s.shutdown.store(true, Ordering::Relaxed);
+    let _ = s.stop_tcp.send(true);
+    for l in s.listeners.iter() {
         l.reply.close();
     }
+    let threads = s.threads;
     let _ =
         tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
-    drain(&resolver, cfg.grace_period).await;
+    drain(resolver, grace).await;
     tracing::info!("shutdown complete");
-    Ok(())
 }
 
 /// Probes go to addresses kube-proxy does not DNAT for locally generated traffic: a probe
@@ -349,10 +466,9 @@ async fn dispatch_jobs(
     mut rx: mpsc::Receiver<Job>,
     resolver: Arc<Resolver>,
     listeners: Arc<Vec<Listener>>,
-    log_queries: bool,
 ) {
     while let Some(job) = rx.recv().await {
-        let job = match job {
+        let miss = match job {
             Job::Prefetch(packets) => {
                 packets
                     .into_iter()
@@ -363,43 +479,22 @@ async fn dispatch_jobs(
         };
         let r = resolver.clone();
         let ls = listeners.clone();
-        r.busy.fetch_add(1, Ordering::SeqCst);
+        let busy = r.in_flight();
         tokio::spawn(async move {
-            answer_udp_miss(&r, &ls, job, log_queries).await;
-            r.busy.fetch_sub(1, Ordering::SeqCst);
+            if let Some(l) = ls.get(miss.listener) {
+                answer_miss(&r, miss.request, &l.accounting, &l.responder).await;
+            }
+            drop(busy);
         });
     }
 }
 
-async fn answer_udp_miss(r: &Arc<Resolver>, ls: &[Listener], job: Miss, log_queries: bool) {
-    let Some(l) = ls.get(job.listener) else {
-        return;
-    };
-    let Some(reply) = r.resolve_miss(&job.packet, false, &l.udp_metrics).await else {
-        return;
-    };
-    let qtype = crate::wire::parse_query(&job.packet)
-        .map(|q| q.qtype)
-        .unwrap_or(0);
-    l.udp_metrics.response(
-        crate::metrics::qtype_index(qtype),
-        reply.plugin,
-        reply.rcode,
-        reply.bytes.len(),
-        job.received.elapsed().as_secs_f64(),
-    );
-    if log_queries {
-        tracing::info!(proto = "udp", client = %job.peer, server = %l.addr, qtype, rcode = reply.rcode, "query answered");
-    }
-    l.reply.send(&reply.bytes, job.peer);
-}
-
 async fn drain(resolver: &Resolver, grace: Duration) {
     let deadline = Instant::now() + grace;
-    while resolver.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+    while resolver.queries_in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = resolver.busy.load(Ordering::SeqCst);
+    let left = resolver.queries_in_flight();
     if left > 0 {
         tracing::warn!(left, "grace period over with queries in flight");
     }

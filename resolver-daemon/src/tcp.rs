@@ -1,13 +1,16 @@
 //! DNS over TCP on tokio: a cap on connections, an idle timeout, pipelined queries answered
 //! concurrently (replies may come back out of order, as RFC 7766 allows).
 
-use crate::metrics::{ServerMetrics, qtype_index};
-use crate::resolve::{Fast, Resolver, answer_fast};
+use crate::answer::{Accounting, Responder, answer_miss, finish};
+use crate::fast::Fast;
+use crate::metrics::Proto;
+use crate::request::Request;
+use crate::resolve::Resolver;
+use crate::wire;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore, watch};
 
@@ -16,10 +19,10 @@ const PIPELINE_DEPTH: usize = 64;
 
 pub struct TcpServer {
     pub resolver: Arc<Resolver>,
-    pub metrics: ServerMetrics,
+    /// Metrics and query log of this listener's TCP side.
+    pub accounting: Accounting,
     pub connections: Arc<Semaphore>,
     pub idle_timeout: Duration,
-    pub log_queries: bool,
 }
 
 impl TcpServer {
@@ -33,12 +36,12 @@ impl TcpServer {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => match self.connections.clone().try_acquire_owned() {
+                    Ok((stream, peer)) => match self.connections.clone().try_acquire_owned() {
                         Ok(permit) => {
                             let this = self.clone();
                             let sd = shutdown.clone();
                             tokio::spawn(async move {
-                                this.connection(stream, sd).await;
+                                this.connection(stream, peer, sd).await;
                                 drop(permit);
                             });
                         }
@@ -54,10 +57,16 @@ impl TcpServer {
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
         let wr = Arc::new(Mutex::new(wr));
+        let to = Responder::Tcp(wr.clone());
         let depth = Arc::new(Semaphore::new(PIPELINE_DEPTH));
         loop {
             let msg = tokio::select! {
@@ -69,11 +78,11 @@ impl TcpServer {
                 break;
             };
             let this = self.clone();
-            let wr = wr.clone();
-            this.resolver.busy.fetch_add(1, Ordering::SeqCst);
+            let to = to.clone();
+            let busy = this.resolver.in_flight();
             tokio::spawn(async move {
-                this.answer(&msg, &wr).await;
-                this.resolver.busy.fetch_sub(1, Ordering::SeqCst);
+                this.answer(msg, peer, &to).await;
+                drop(busy);
                 drop(permit);
             });
         }
@@ -82,60 +91,35 @@ impl TcpServer {
         let _ = wr.lock().await.shutdown().await;
     }
 
-    async fn answer(&self, msg: &[u8], wr: &Mutex<OwnedWriteHalf>) {
-        let now = Instant::now();
+    /// From the cache or an error reply at once; a miss goes the shared miss path.
+    async fn answer(&self, msg: Vec<u8>, peer: SocketAddr, to: &Responder) {
+        let received = Instant::now();
         let mut out = Vec::with_capacity(512);
-        let (bytes, plugin, rcode, type_idx) = match answer_fast(
-            &self.resolver.cache,
-            msg,
-            now,
-            &mut out,
-            true,
-            &self.metrics,
-        ) {
+        let m = self.accounting.metrics();
+        let parsed = match self
+            .resolver
+            .answer_fast(&msg, received, &mut out, Proto::Tcp, m)
+        {
             Fast::Drop => return,
-            Fast::Reply {
-                plugin,
-                rcode,
-                type_idx,
-                ..
-            } => (out, plugin, rcode, type_idx),
-            Fast::Miss => {
-                let idx = crate::wire::parse_query(msg)
-                    .map(|q| qtype_index(q.qtype))
-                    .unwrap_or(0);
-                match self.resolver.resolve_miss(msg, true, &self.metrics).await {
-                    Some(r) => (r.bytes, r.plugin, r.rcode, idx),
-                    None => return,
-                }
+            Fast::Reply { answered, .. } => {
+                return finish(&self.accounting, to, &answered, &out, peer, received).await;
             }
+            Fast::Miss(parsed) => parsed,
         };
-        self.metrics.response(
-            type_idx,
-            plugin,
-            rcode,
-            bytes.len(),
-            now.elapsed().as_secs_f64(),
-        );
-        if self.log_queries {
-            tracing::info!(proto = "tcp", rcode, size = bytes.len(), "query answered");
-        }
-        let mut framed = Vec::with_capacity(bytes.len() + 2);
-        framed.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-        framed.extend_from_slice(&bytes);
-        let _ = wr.lock().await.write_all(&framed).await;
+        let req = Request::new(msg, parsed, peer, Proto::Tcp, received);
+        answer_miss(&self.resolver, req, &self.accounting, to).await;
     }
 }
 
 /// One length-prefixed message; `None` at a clean EOF.
 async fn read_message(rd: &mut tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 2];
+    let mut len = [0u8; wire::TCP_PREFIX_LEN];
     match rd.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    let mut msg = vec![0u8; wire::tcp_message_len(len)];
     rd.read_exact(&mut msg).await?;
     Ok(Some(msg))
 }

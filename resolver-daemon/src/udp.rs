@@ -5,11 +5,13 @@
 //! [`PREFETCH_BATCH_DELAY`] and leave together, because waking the tokio side costs more
 //! than the upstream exchange itself on a virtualised node.
 
+use crate::answer::Accounting;
 use crate::cache::Cache;
 use crate::drain::RawUdpSender;
-use crate::metrics::{Plugin, ServerMetrics, qtype_index, reply_rcode};
-use crate::resolve::{Fast, RCODE_SERVFAIL, answer_fast};
-use crate::wire;
+use crate::fast::{Fast, answer_fast, stale_or_servfail};
+use crate::metrics::Proto;
+use crate::request::Request;
+use crate::wire::{self, ParsedQuery, Query};
 use socket2::{SockAddr, Socket};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -24,7 +26,7 @@ const RECV_BUF: usize = 4096;
 
 /// How long a prefetch may wait for company (checked when the thread wakes: at the latest
 /// after the 100 ms receive timeout). Entries come due with 12.5–25 % of their TTL left,
-/// ≥ 625 ms at the seed's 5 s denial clamp, so the wait costs no freshness.
+/// ≥ 625 ms at the Deckhouse module's 5 s denial clamp, so the wait costs no freshness.
 pub const PREFETCH_BATCH_DELAY: Duration = Duration::from_millis(10);
 /// A batch leaves at once when it reaches this size.
 const PREFETCH_BATCH_MAX: usize = 64;
@@ -40,14 +42,13 @@ pub enum Job {
 
 #[derive(Debug)]
 pub struct Miss {
-    pub packet: Vec<u8>,
-    pub peer: SocketAddr,
+    pub request: Request,
+    /// Index of the listener whose socket received it (the reply leaves through it).
     pub listener: usize,
-    pub received: Instant,
 }
 
 /// Sends replies from the tokio side through a listener's socket. At shutdown the socket
-/// closes (DESIGN.md §1: the closed socket is the fallback) and answers to queries still in
+/// closes (docs/design.md §1: the closed socket is the fallback) and answers to queries still in
 /// flight leave through a raw socket with the listener's address and port (`drain`).
 #[derive(Clone)]
 pub struct ReplyHandle {
@@ -135,10 +136,10 @@ pub struct HotPath {
     pub socket: Socket,
     pub cache: Arc<Cache>,
     pub jobs: mpsc::Sender<Job>,
-    pub metrics: ServerMetrics,
+    /// Metrics and query log of this listener's UDP side.
+    pub accounting: Accounting,
     pub listener: usize,
     pub shutdown: Arc<AtomicBool>,
-    pub log_queries: bool,
     /// This thread's progress, read by the watchdog.
     pub progress: Arc<ThreadProgress>,
     /// Pause between small back-to-back batches (0: never).
@@ -390,6 +391,7 @@ impl HotPath {
 
     fn handle_batch(&self, b: &mut Batch, n: usize, now: Instant, prefetch: &mut PrefetchBatch) {
         b.out_for.clear();
+        let m = self.accounting.metrics();
         for i in 0..n {
             let Some(len) = b.datagram_len(i) else {
                 continue;
@@ -397,21 +399,25 @@ impl HotPath {
             let pkt = &b.bufs[i][..len];
             let k = b.out_for.len();
             let mut out = std::mem::take(&mut b.outs[k]);
-            let fast = answer_fast(&self.cache, pkt, now, &mut out, false, &self.metrics);
-            let reply = match fast {
-                Fast::Reply { prefetch: due, .. } => {
+            let answered = match answer_fast(&self.cache, pkt, now, &mut out, Proto::Udp, m) {
+                Fast::Reply {
+                    answered,
+                    prefetch: due,
+                } => {
                     if due {
                         prefetch.push(pkt, now);
                     }
-                    true
+                    Some(answered)
                 }
-                Fast::Drop => false,
-                Fast::Miss => {
-                    !self.hand_over(pkt, b.peer(i), now) && self.overloaded(pkt, now, &mut out)
-                }
+                Fast::Drop => None,
+                Fast::Miss(parsed) => match b.peer(i) {
+                    None => None,
+                    Some(peer) if self.hand_over(pkt, parsed, peer, now) => None,
+                    Some(_) => Some(self.overloaded(pkt, &parsed.attach(pkt), now, &mut out)),
+                },
             };
-            if reply {
-                self.observe(pkt, &out, fast, now);
+            if let Some(a) = answered {
+                self.accounting.answered(&a, out.len(), now, || b.peer(i));
                 b.out_for.push(i);
             }
             b.outs[k] = out;
@@ -419,56 +425,25 @@ impl HotPath {
     }
 
     /// Queues a missed datagram for the tokio side; false when the queue is full.
-    fn hand_over(&self, pkt: &[u8], peer: Option<SocketAddr>, now: Instant) -> bool {
-        let Some(peer) = peer else { return true };
+    fn hand_over(&self, pkt: &[u8], parsed: ParsedQuery, peer: SocketAddr, now: Instant) -> bool {
+        let request = Request::new(pkt.to_vec(), parsed, peer, Proto::Udp, now);
         let job = Job::Miss(Miss {
-            packet: pkt.to_vec(),
-            peer,
+            request,
             listener: self.listener,
-            received: now,
         });
         self.jobs.try_send(job).is_ok()
     }
 
-    /// Miss queue full: stale answer if any, else SERVFAIL — fast, never queued.
-    fn overloaded(&self, pkt: &[u8], now: Instant, out: &mut Vec<u8>) -> bool {
-        let Ok(q) = wire::parse_query(pkt) else {
-            return false;
-        };
-        out.clear();
-        if self.cache.answer_stale(&q, now, out, wire::udp_limit(&q)) {
-            self.metrics.stale.inc();
-        } else {
-            out.clear();
-            wire::write_error_response(pkt, Some(&q), RCODE_SERVFAIL, out);
-        }
-        true
-    }
-
-    fn observe(&self, pkt: &[u8], out: &[u8], fast: Fast, now: Instant) {
-        let (plugin, rcode, idx) = match fast {
-            Fast::Reply {
-                plugin,
-                rcode,
-                type_idx,
-                ..
-            } => (plugin, rcode, type_idx),
-            // Overload replies (rare): parse again for the type label.
-            _ => {
-                let qtype = wire::parse_query(pkt).map(|q| q.qtype).unwrap_or(0);
-                (Plugin::None, reply_rcode(out), qtype_index(qtype))
-            }
-        };
-        self.metrics
-            .response(idx, plugin, rcode, out.len(), now.elapsed().as_secs_f64());
-        if self.log_queries {
-            tracing::info!(
-                proto = "udp",
-                rcode,
-                size = out.len(),
-                "query answered from cache"
-            );
-        }
+    /// Miss queue full: answered here at once, never queued (see `stale_or_servfail`).
+    fn overloaded(
+        &self,
+        pkt: &[u8],
+        q: &Query<'_>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> crate::answer::Answered {
+        let m = self.accounting.metrics();
+        stale_or_servfail(&self.cache, q, pkt, now, wire::udp_limit(q), m, out)
     }
 }
 

@@ -8,8 +8,9 @@
 use crate::config::UpstreamProto;
 use crate::metrics::{ForwardMetrics, UpstreamMetrics};
 use crate::sockets::domain;
-use crate::wire::{Query, build_query};
+use crate::wire::{self, Query, build_query, is_truncated, reply_matches};
 use socket2::{Protocol, SockAddr, Socket, Type};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -36,9 +37,32 @@ pub enum ForwardError {
     NoUpstream,
 }
 
+/// Where the resolver sends what the cache cannot answer; `Forwarder` is the real one, unit
+/// tests use fakes.
+pub trait Upstream: Send + Sync + 'static {
+    /// The raw reply to `q`, already checked to answer it (`wire::reply_matches`).
+    fn forward(&self, q: &Query<'_>) -> impl Future<Output = Result<Vec<u8>, ForwardError>> + Send;
+    /// False when every upstream responsible for `q` is known dead (serve stale at once).
+    fn any_healthy(&self, q: &Query<'_>) -> bool;
+    /// Whether the daemon may report ready (see `Forwarder::ready`).
+    fn ready(&self) -> bool;
+}
+
+impl Upstream for Forwarder {
+    fn forward(&self, q: &Query<'_>) -> impl Future<Output = Result<Vec<u8>, ForwardError>> + Send {
+        Forwarder::forward(self, q)
+    }
+    fn any_healthy(&self, q: &Query<'_>) -> bool {
+        Forwarder::any_healthy(self, q)
+    }
+    fn ready(&self) -> bool {
+        Forwarder::ready(self)
+    }
+}
+
 /// One upstream server and what we know about it.
 #[derive(Debug)]
-pub struct Upstream {
+pub struct UpstreamServer {
     pub addr: SocketAddr,
     /// Source to bind upstream sockets to (None: the kernel's choice).
     pub source: Option<IpAddr>,
@@ -51,7 +75,7 @@ pub struct Upstream {
     metrics: OnceLock<UpstreamMetrics>,
 }
 
-impl Upstream {
+impl UpstreamServer {
     pub fn new(addr: SocketAddr, source: Option<IpAddr>) -> Self {
         Self {
             addr,
@@ -73,6 +97,11 @@ impl Upstream {
         self.answered.load(Ordering::Relaxed)
     }
 
+    /// Healthy now, and not merely on the optimistic start-up assumption.
+    pub fn is_ready(&self) -> bool {
+        self.has_answered() && self.is_healthy()
+    }
+
     fn mark(&self, ok: bool) {
         let was = self.healthy.swap(ok, Ordering::Relaxed);
         if ok && !self.answered.load(Ordering::Relaxed) {
@@ -87,12 +116,12 @@ impl Upstream {
 /// A group of upstreams tried in turn, healthy ones first, round-robin.
 #[derive(Debug)]
 pub struct UpstreamSet {
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub upstreams: Vec<Arc<UpstreamServer>>,
     next: AtomicUsize,
 }
 
 impl UpstreamSet {
-    pub fn new(upstreams: Vec<Upstream>) -> Self {
+    pub fn new(upstreams: Vec<UpstreamServer>) -> Self {
         Self {
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             next: AtomicUsize::new(0),
@@ -103,8 +132,12 @@ impl UpstreamSet {
         self.upstreams.iter().any(|u| u.is_healthy())
     }
 
+    pub fn any_ready(&self) -> bool {
+        self.upstreams.iter().any(|u| u.is_ready())
+    }
+
     /// Try order for one query: healthy upstreams (rotated) then the unhealthy ones.
-    fn order(&self) -> Vec<Arc<Upstream>> {
+    fn order(&self) -> Vec<Arc<UpstreamServer>> {
         let n = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let rotated = (0..n).map(|i| self.upstreams[(start + i) % n].clone());
@@ -169,9 +202,12 @@ impl Forwarder {
         self.set_for(q).any_healthy()
     }
 
-    /// True once any upstream answered (readiness).
-    pub fn any_answered(&self) -> bool {
-        self.primary.upstreams.iter().any(|u| u.has_answered())
+    /// Readiness: some upstream of the primary set is healthy now and has answered at least
+    /// once (a query or a health check). Health is the forwarder's own state: a failed
+    /// attempt or health check marks an upstream down, an answer marks it up, so this follows
+    /// the upstreams within a health-check interval either way.
+    pub fn ready(&self) -> bool {
+        self.primary.any_ready()
     }
 
     /// Resolves `q` upstream: the raw, validated reply.
@@ -198,15 +234,14 @@ impl Forwarder {
         Err(last)
     }
 
-    async fn attempt(&self, up: &Upstream, q: &Query<'_>) -> Result<Vec<u8>, ForwardError> {
+    async fn attempt(&self, up: &UpstreamServer, q: &Query<'_>) -> Result<Vec<u8>, ForwardError> {
         let started = Instant::now();
         if let Some(m) = up.metrics.get() {
             m.requests.inc();
         }
         let reply = exchange(up, q, self.cfg.proto, self.cfg.timeout).await?;
         if let Some(m) = up.metrics.get() {
-            let rcode = reply.get(3).map(|b| (b & 0xf) as u16).unwrap_or(0);
-            m.response(rcode, started.elapsed().as_secs_f64());
+            m.response(wire::reply_rcode(&reply), started.elapsed().as_secs_f64());
         }
         up.mark(true);
         Ok(reply)
@@ -217,16 +252,7 @@ impl Forwarder {
         for set in std::iter::once(&self.primary).chain(self.external.iter()) {
             let mut all_failed = !set.upstreams.is_empty();
             for up in &set.upstreams {
-                // `. IN NS`, like CoreDNS's forward health check.
-                let q = Query {
-                    id: 0,
-                    flags: 0x0100,
-                    qname: &[0],
-                    qtype: 2,
-                    qclass: 1,
-                    edns: None,
-                    question_end: 17,
-                };
+                let q = wire::root_ns_query();
                 let ok = exchange(up, &q, self.cfg.proto, self.cfg.timeout)
                     .await
                     .is_ok();
@@ -246,7 +272,7 @@ impl Forwarder {
 
 /// One query/response with one upstream over the configured transport.
 async fn exchange(
-    up: &Upstream,
+    up: &UpstreamServer,
     q: &Query<'_>,
     proto: UpstreamProto,
     timeout: Duration,
@@ -277,12 +303,12 @@ async fn exchange(
 
 /// The pinned source (`--upstream-source`) with port 0, so the kernel still picks a random
 /// port; `None` when the kernel may choose the source address itself.
-fn pinned_source(up: &Upstream) -> Option<SocketAddr> {
+fn pinned_source(up: &UpstreamServer) -> Option<SocketAddr> {
     up.source.map(|ip| SocketAddr::new(ip, 0))
 }
 
 async fn exchange_udp(
-    up: &Upstream,
+    up: &UpstreamServer,
     query: &[u8],
     q: &Query<'_>,
     id: u16,
@@ -314,7 +340,7 @@ async fn exchange_udp(
 /// upstream fails fast. A fresh socket is writable, so sending before tokio registers it
 /// saves a trip through the event loop, and without a source to pin, connect picks the
 /// random port itself (no bind): refreshes cost fewer syscalls and wake-ups.
-fn open_and_send(up: &Upstream, query: &[u8]) -> io::Result<(tokio::net::UdpSocket, bool)> {
+fn open_and_send(up: &UpstreamServer, query: &[u8]) -> io::Result<(tokio::net::UdpSocket, bool)> {
     let ty = Type::DGRAM.nonblocking().cloexec();
     let s = Socket::new(domain(&up.addr), ty, Some(Protocol::UDP))?;
     if let Some(src) = pinned_source(up) {
@@ -330,7 +356,7 @@ fn open_and_send(up: &Upstream, query: &[u8]) -> io::Result<(tokio::net::UdpSock
 }
 
 async fn exchange_tcp(
-    up: &Upstream,
+    up: &UpstreamServer,
     query: &[u8],
     q: &Query<'_>,
     id: u16,
@@ -349,13 +375,13 @@ async fn exchange_tcp(
         sock.bind(src).map_err(io_err)?;
     }
     let mut stream = sock.connect(up.addr).await.map_err(io_err)?;
-    let mut msg = Vec::with_capacity(query.len() + 2);
-    msg.extend_from_slice(&(query.len() as u16).to_be_bytes());
-    msg.extend_from_slice(query);
-    stream.write_all(&msg).await.map_err(io_err)?;
-    let mut len = [0u8; 2];
+    stream
+        .write_all(&wire::tcp_framed(query))
+        .await
+        .map_err(io_err)?;
+    let mut len = [0u8; wire::TCP_PREFIX_LEN];
     stream.read_exact(&mut len).await.map_err(io_err)?;
-    let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+    let mut reply = vec![0u8; wire::tcp_message_len(len)];
     stream.read_exact(&mut reply).await.map_err(io_err)?;
     if reply_matches(&reply, q, id) {
         Ok(reply)
@@ -365,62 +391,13 @@ async fn exchange_tcp(
     }
 }
 
-pub fn is_truncated(reply: &[u8]) -> bool {
-    reply.get(2).is_some_and(|b| b & 0x02 != 0)
-}
-
-/// ID, QR=1, opcode QUERY and exactly our question (name case-insensitively). The rest of
-/// the message is validated by whoever uses it: the cache's parser before caching, hickory-proto
-/// (`resolve::rewrite_for_client`) before passing an uncached reply on.
-pub fn reply_matches(reply: &[u8], q: &Query<'_>, id: u16) -> bool {
-    if reply.len() < 12 || u16::from_be_bytes([reply[0], reply[1]]) != id {
-        return false;
-    }
-    let qr = reply[2] & 0x80 != 0;
-    let opcode = (reply[2] >> 3) & 0x0f;
-    let qdcount = u16::from_be_bytes([reply[4], reply[5]]);
-    if !qr || opcode != 0 || qdcount != 1 {
-        return false;
-    }
-    let name_end = 12 + q.qname.len();
-    let Some(name) = reply.get(12..name_end) else {
-        return false;
-    };
-    let Some(tc) = reply.get(name_end..name_end + 4) else {
-        return false;
-    };
-    name.eq_ignore_ascii_case(q.qname)
-        && tc[..2] == q.qtype.to_be_bytes()
-        && tc[2..] == q.qclass.to_be_bytes()
-}
-
 /// Whether a wire-format name is the cluster domain, below it, or a reverse zone (which the
 /// cluster DNS serves for Services and Pods).
 pub fn is_cluster_name(qname: &[u8], cluster_domain: &str) -> bool {
-    let dotted = wire_name_lower(qname);
+    let dotted = wire::dotted_lowercase(qname);
     [cluster_domain, "in-addr.arpa", "ip6.arpa"]
         .iter()
         .any(|d| !d.is_empty() && (dotted == *d || dotted.ends_with(&format!(".{d}"))))
-}
-
-/// `www.Example.com.` wire form → `www.example.com` (escaping is irrelevant for suffix tests).
-pub fn wire_name_lower(qname: &[u8]) -> String {
-    let mut out = String::with_capacity(qname.len());
-    let mut i = 0;
-    while let Some(&len) = qname.get(i) {
-        if len == 0 || len & 0xc0 != 0 {
-            break;
-        }
-        let Some(label) = qname.get(i + 1..i + 1 + len as usize) else {
-            break;
-        };
-        if !out.is_empty() {
-            out.push('.');
-        }
-        out.extend(label.iter().map(|b| b.to_ascii_lowercase() as char));
-        i += 1 + len as usize;
-    }
-    out
 }
 
 /// `nameserver` lines of a resolv.conf, minus our own listen addresses (no loops).
@@ -442,64 +419,22 @@ pub fn resolv_conf_servers(text: &str, listen: &[SocketAddr]) -> Vec<SocketAddr>
 mod tests {
     use super::*;
 
-    const QNAME: &[u8] = b"\x03www\x07Example\x03com\x00";
-
-    fn query() -> Query<'static> {
-        Query {
-            id: 7,
-            flags: 0x0110,
-            qname: QNAME,
-            qtype: 1,
-            qclass: 1,
-            edns: None,
-            question_end: 12 + QNAME.len() + 4,
-        }
-    }
-
-    fn reply_for(id: u16, qname: &[u8]) -> Vec<u8> {
-        let mut r = Vec::new();
-        r.extend_from_slice(&id.to_be_bytes());
-        r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0]);
-        r.extend_from_slice(qname);
-        r.extend_from_slice(&[0, 1, 0, 1]);
-        r
-    }
-
     #[test]
-    fn built_query_carries_question_cd_and_edns() {
-        let m = build_query(&query(), 0xbeef);
-        let parsed = hickory_proto::op::Message::from_vec(&m).unwrap();
-        assert_eq!(parsed.metadata.id, 0xbeef);
-        assert!(parsed.metadata.recursion_desired);
-        assert!(parsed.metadata.checking_disabled);
-        assert_eq!(parsed.queries.len(), 1);
-        assert_eq!(parsed.edns.as_ref().map(|e| e.max_payload()), Some(1232));
-    }
-
-    #[test]
-    fn accepts_only_matching_replies() {
-        let q = query();
-        assert!(reply_matches(
-            &reply_for(9, b"\x03WWW\x07example\x03COM\x00"),
-            &q,
-            9
-        ));
-        assert!(!reply_matches(&reply_for(10, QNAME), &q, 9), "wrong id");
-        assert!(
-            !reply_matches(&reply_for(9, b"\x03xxx\x07example\x03com\x00"), &q, 9),
-            "wrong name"
-        );
-        let mut not_response = reply_for(9, QNAME);
-        not_response[2] &= 0x7f;
-        assert!(!reply_matches(&not_response, &q, 9), "QR=0");
-        let mut wrong_type = reply_for(9, QNAME);
-        let n = wrong_type.len();
-        wrong_type[n - 3] = 28;
-        assert!(!reply_matches(&wrong_type, &q, 9), "wrong type");
-        assert!(
-            !reply_matches(&reply_for(9, QNAME)[..14], &q, 9),
-            "truncated"
-        );
+    fn ready_while_an_upstream_that_answered_is_healthy_now() {
+        let set = UpstreamSet::new(vec![
+            UpstreamServer::new("192.0.2.1:53".parse().unwrap(), None),
+            UpstreamServer::new("192.0.2.2:53".parse().unwrap(), None),
+        ]);
+        assert!(set.any_healthy(), "optimistic at start");
+        assert!(!set.any_ready(), "but not ready before any answer");
+        set.upstreams[0].mark(true);
+        assert!(set.any_ready());
+        set.upstreams[1].mark(false);
+        assert!(set.any_ready(), "one healthy upstream is enough");
+        set.upstreams[0].mark(false);
+        assert!(!set.any_ready(), "every upstream down: not ready");
+        set.upstreams[1].mark(true);
+        assert!(set.any_ready(), "another upstream answering: ready again");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the sockets and pods fall back to kube-proxy's path instead of hanging on a wedged cache.
 
 use crate::udp::ThreadProgress;
+use crate::wire;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,18 +33,6 @@ impl Heartbeat {
     }
 }
 
-/// A NOTIFY (opcode 4) for `.`: the fast path answers NOTIMP itself, so the probe exercises
-/// the socket and receive thread without touching upstreams or the cache.
-fn probe_message(id: u16) -> [u8; 17] {
-    let mut m = [0u8; 17];
-    m[..2].copy_from_slice(&id.to_be_bytes());
-    m[2] = 4 << 3;
-    m[5] = 1; // QDCOUNT
-    // root name (0), type SOA (6), class IN (1)
-    m[12..17].copy_from_slice(&[0, 0, 6, 0, 1]);
-    m
-}
-
 /// True when `target` answers a probe within `wait`.
 pub fn probe(target: SocketAddr, wait: Duration) -> bool {
     let bind: SocketAddr = if target.is_ipv4() {
@@ -59,14 +48,14 @@ pub fn probe(target: SocketAddr, wait: Duration) -> bool {
         return false;
     }
     let id: u16 = rand::random();
-    if s.send(&probe_message(id)).is_err() {
+    if s.send(&wire::notify_probe(id)).is_err() {
         return false;
     }
     let mut buf = [0u8; 512];
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         match s.recv(&mut buf) {
-            Ok(n) if n >= 2 && buf[..2] == id.to_be_bytes() => return true,
+            Ok(n) if wire::message_id(&buf[..n]) == Some(id) => return true,
             Ok(_) => continue,
             Err(_) => return false,
         }

@@ -251,3 +251,45 @@ fn every_upstream_query_uses_a_fresh_random_id_and_source_port() {
         "never the listen address as source: {sources:?}"
     );
 }
+
+#[test]
+fn readiness_follows_upstream_health_and_liveness_does_not() {
+    let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mute = silent.clone();
+    let script: Arc<Script> = Arc::new(move |q: &[u8]| {
+        if mute.load(Ordering::SeqCst) {
+            vec![]
+        } else {
+            vec![Step::Reply(reply_to(q, 0, &[], 300, false))]
+        }
+    });
+    let up = FakeUpstream::start(sa(39, UP_PORT), script, None);
+    let d = Daemon::start(
+        38,
+        &[up.addr],
+        &["--upstream-timeout", "200ms", "--upstream-attempts", "1"],
+    );
+    let ready = || http_get(d.http, "/ready").0;
+    wait_until(
+        "ready once the upstream answered",
+        Duration::from_secs(10),
+        || ready() == 200,
+    );
+    silent.store(true, Ordering::SeqCst);
+    wait_until(
+        "not ready while the upstream is silent",
+        Duration::from_secs(10),
+        || ready() == 503,
+    );
+    assert_eq!(
+        http_get(d.http, "/health").0,
+        200,
+        "liveness ignores upstreams"
+    );
+    silent.store(false, Ordering::SeqCst);
+    wait_until(
+        "ready again once it answers",
+        Duration::from_secs(10),
+        || ready() == 200,
+    );
+}

@@ -8,7 +8,7 @@ use super::key::{CacheKey, FLAG_CD, FLAG_DO};
 use super::{CacheConfig, EntryKind};
 use crate::wire::{
     self, Edns, HEADER_LEN, Header, OUR_UDP_SIZE, Query, TYPE_OPT, TYPE_SOA, be16, be32, flag,
-    put16, put32, rcode, read_rr, skip_name,
+    put32, rcode, read_rr, skip_name,
 };
 use std::time::{Duration, Instant};
 
@@ -172,9 +172,12 @@ fn wire_without_opt(response: &[u8], walk: &RecordWalk) -> Vec<u8> {
     // The walk stops at the OPT, so sections past it may be partly kept: recount them.
     let answers = header[0].min(kept_records);
     let authority = header[1].min(kept_records - answers);
-    put16(&mut wire, 6, answers);
-    put16(&mut wire, 8, authority);
-    put16(&mut wire, 10, kept_records - answers - authority);
+    wire::set_record_counts(
+        &mut wire,
+        answers,
+        authority,
+        kept_records - answers - authority,
+    );
     wire
 }
 
@@ -333,7 +336,7 @@ impl Entry {
 
     /// Counts a fresh hit; true at most once per entry, when the question was asked often
     /// enough within the window and less than the configured share of the TTL is left.
-    /// Millisecond precision: with the seed's 5 s denial TTL, "25 % left" is the last 1.25 s.
+    /// Millisecond precision: with the Deckhouse module's 5 s denial TTL, "25 % left" is the last 1.25 s.
     pub(super) fn note_hit(&mut self, age: Duration, cfg: &CacheConfig) -> bool {
         self.asked = true;
         let age_secs = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
@@ -460,9 +463,7 @@ impl Entry {
         }
         if q.edns.is_some() {
             // Only NOERROR and NXDOMAIN are cached: no extended rcode bits to carry.
-            wire::write_opt_record(out, 0, q.dnssec_ok());
-            let additional = be16(out, 10).wrapping_add(1);
-            put16(out, 10, additional);
+            wire::append_opt(out, q.dnssec_ok());
         }
         self.patch_client_fields(q, out);
     }
@@ -470,11 +471,7 @@ impl Entry {
     /// Header and question only, TC=1: the client retries over TCP.
     fn write_truncated(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.wire()[..usize::from(self.question_end)]);
-        let flags = be16(out, 2) | flag::TC;
-        put16(out, 2, flags);
-        put16(out, 6, 0);
-        put16(out, 8, 0);
-        put16(out, 10, 0);
+        wire::mark_truncated(out);
     }
 
     fn rewrite_ttls(&self, out: &mut [u8], ttls: TtlRewrite) {
@@ -490,12 +487,12 @@ impl Entry {
     /// The client's ID, RD bit and question bytes (its 0x20 case pattern). AD stays set only
     /// for clients that asked with AD or DO (RFC 6840 §5.8).
     fn patch_client_fields(&self, q: &Query<'_>, out: &mut [u8]) {
-        put16(out, 0, q.id);
-        let mut flags = (be16(out, 2) & !flag::RD) | (q.flags & flag::RD);
+        wire::set_id(out, q.id);
+        let mut flags = (wire::flags(out) & !flag::RD) | (q.flags & flag::RD);
         if q.flags & flag::AD == 0 && !q.dnssec_ok() {
             flags &= !flag::AD;
         }
-        put16(out, 2, flags);
+        wire::set_flags(out, flags);
         let name_end = HEADER_LEN + q.qname.len();
         if name_end <= usize::from(self.question_end) {
             out[HEADER_LEN..name_end].copy_from_slice(q.qname);

@@ -17,9 +17,33 @@ const KEY_MAX: usize = FIXED_LEN + MAX_NAME_LEN + 7;
 pub(super) const FLAG_DO: u8 = 1;
 pub(super) const FLAG_CD: u8 = 2;
 
-pub(super) struct CacheKey {
+/// Also the key of in-flight upstream queries (`resolve`): a miss coalesces with exactly the
+/// queries whose answer it would find in the cache.
+#[derive(Clone)]
+pub(crate) struct CacheKey {
     bytes: [u8; KEY_MAX],
     len: usize,
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl std::hash::Hash for CacheKey {
+    /// The key carries its own seeded hash of the rest of its bytes.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash());
+    }
+}
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CacheKey").field(&self.as_bytes()).finish()
+    }
 }
 
 impl CacheKey {

@@ -22,11 +22,12 @@ mod entry;
 mod key;
 mod shard;
 #[cfg(test)]
+#[allow(unsafe_code)] // a counting global allocator proves the hit path allocates nothing
 mod tests;
 
 use crate::wire::Query;
 use entry::{Freshness, PreparedEntry, TtlRewrite};
-use key::CacheKey;
+pub(crate) use key::CacheKey;
 use shard::{Shard, ShardLimits};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ pub struct CacheConfig {
 }
 
 impl Default for CacheConfig {
-    /// The seed's (Deckhouse node-local-dns / CoreDNS cache plugin) values.
+    /// The Deckhouse module's (node-local-dns / CoreDNS cache plugin) values.
     fn default() -> Self {
         Self {
             success_capacity: 120_000,
@@ -182,6 +183,11 @@ impl Cache {
 
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
+    }
+
+    /// The key `q`'s answer is cached under.
+    pub(crate) fn key(&self, q: &Query<'_>) -> CacheKey {
+        CacheKey::new(q, self.seed)
     }
 
     pub fn answer(&self, q: &Query<'_>, now: Instant, out: &mut Vec<u8>, limit: usize) -> Answer {

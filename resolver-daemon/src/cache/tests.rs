@@ -729,7 +729,7 @@ fn prefetch_is_signalled_once_per_refresh_cycle() {
     assert!(!prefetch(38), "only once again");
 }
 
-/// The seed's denial clamp gives entries 5 s: a question asked twice a second gets only ~10
+/// The Deckhouse module's denial clamp gives entries 5 s: a question asked twice a second gets only ~10
 /// hits per entry. Popularity must survive the refresh, or such entries expire and clients
 /// wait for the upstream every 5 s (issue 2: prefetch of entries asked ≥ 10 times a minute).
 #[test]
@@ -1239,13 +1239,16 @@ mod alloc_count {
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             count();
+            // SAFETY: the caller's contract for `alloc` is passed on unchanged.
             unsafe { System.alloc(layout) }
         }
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from this allocator, i.e. from `System`, with `layout`.
             unsafe { System.dealloc(ptr, layout) }
         }
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             count();
+            // SAFETY: `ptr` came from `System` with `layout`; the contract is passed on.
             unsafe { System.realloc(ptr, layout, new_size) }
         }
     }

@@ -1,3 +1,7 @@
+//! `node-local-dns-resolver`: wires the process (flags, env, logs, exit code) to the library.
+
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use anyhow::Context;

@@ -318,7 +318,7 @@ fn service_and_podmonitor_agree_on_port_labels_and_relabelling() {
 }
 
 #[test]
-fn alert_rules_pass_promtool_and_cover_the_issue() {
+fn alert_rules_pass_promtool_and_cover_every_alert() {
     let tmp = tempfile::tempdir().unwrap();
     let rules = write_rule_file(tmp.path()).unwrap();
     let out = Command::new("promtool")

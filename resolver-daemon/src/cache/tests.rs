@@ -729,9 +729,10 @@ fn prefetch_is_signalled_once_per_refresh_cycle() {
     assert!(!prefetch(38), "only once again");
 }
 
-/// The Deckhouse module's denial clamp gives entries 5 s: a question asked twice a second gets only ~10
-/// hits per entry. Popularity must survive the refresh, or such entries expire and clients
-/// wait for the upstream every 5 s (issue 2: prefetch of entries asked ≥ 10 times a minute).
+/// The Deckhouse module's denial clamp gives entries 5 s: a question asked twice a second gets
+/// only ~10 hits per entry. Popularity must survive the refresh, or such entries expire and
+/// clients wait for the upstream every 5 s (the prefetch of entries asked ≥ 10 times a minute
+/// is what keeps them fresh).
 #[test]
 fn popularity_survives_refreshes_of_short_lived_entries() {
     let cfg = CacheConfig {

@@ -106,7 +106,7 @@ impl Addon {
     /// its interface, with every address on it.
     pub fn terminate_with_teardown(&mut self) -> Result<(), HarnessError> {
         self.kill_listener();
-        let tool = self.backend.tool(false, "");
+        let tool = iptables::tool(self.backend, false, "");
         for (table, spec) in rules_by_table(RULES) {
             let mut args = vec![
                 "netns",
@@ -126,7 +126,7 @@ impl Addon {
 
     /// The addon's rules still in `table` of the node.
     pub fn rules_left(&self, table: &str) -> Result<Vec<String>, HarnessError> {
-        let tool = self.backend.tool(false, "-save");
+        let tool = iptables::tool(self.backend, false, "-save");
         let saved = crate::cmd::run("ip", ["netns", "exec", &self.node_ns, &tool, "-t", table])?;
         Ok(saved
             .lines()

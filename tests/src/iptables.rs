@@ -4,30 +4,20 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
+use node_setup::desired::Family;
+
 use crate::HarnessError;
 use crate::netns::Netns;
 
 /// An iptables implementation: where kube-proxy's iptables modes write their rules, and where
-/// the plugin/daemon (backend `auto`) must put ours (see `KubeProxyMode::backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Legacy,
-    Nft,
-}
+/// the plugin/daemon (backend `auto`) must put ours (see `KubeProxyMode::backend`). The same
+/// type node setup programs, so a run and the setup name backends alike.
+pub use node_setup::backend::Backend;
 
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Legacy => "legacy",
-            Backend::Nft => "nft",
-        }
-    }
-
-    /// `iptables-legacy`, `ip6tables-nft-save`, … for the family of `v6`.
-    pub fn tool(self, v6: bool, suffix: &str) -> String {
-        let fam = if v6 { "ip6tables" } else { "iptables" };
-        format!("{fam}-{}{suffix}", self.name())
-    }
+/// `iptables-legacy`, `ip6tables-nft-save`, … for the family of `v6`.
+pub fn tool(backend: Backend, v6: bool, suffix: &str) -> String {
+    let family = if v6 { Family::V6 } else { Family::V4 };
+    format!("{}{suffix}", backend.command(family))
 }
 
 /// One kube-dns endpoint (a cluster DNS pod).
@@ -106,7 +96,7 @@ pub fn kube_proxy_nat(cluster_ip: IpAddr, pod_cidr: &str, endpoints: &[Endpoint]
 
 /// Loads `rules` (iptables-save format) into `ns` without flushing other tables.
 pub fn restore(ns: &Netns, backend: Backend, v6: bool, rules: &str) -> Result<(), HarnessError> {
-    feed(ns, &backend.tool(v6, "-restore"), &["--noflush"], rules)
+    feed(ns, &tool(backend, v6, "-restore"), &["--noflush"], rules)
 }
 
 /// Runs `program args…` in `ns` with `input` on its stdin (a ruleset loader such as
@@ -145,7 +135,7 @@ pub fn feed(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<(),
 
 /// `iptables-save` output of one table in `ns`.
 pub fn save(ns: &Netns, backend: Backend, v6: bool, table: &str) -> Result<String, HarnessError> {
-    ns.exec(&backend.tool(v6, "-save"), &["-t", table])
+    ns.exec(&tool(backend, v6, "-save"), &["-t", table])
 }
 
 /// Runs `iptables-<backend> args…` in `ns`.
@@ -155,7 +145,7 @@ pub fn iptables(
     v6: bool,
     args: &[&str],
 ) -> Result<String, HarnessError> {
-    ns.exec(&backend.tool(v6, ""), args)
+    ns.exec(&tool(backend, v6, ""), args)
 }
 
 /// Rules of `table` whose text contains `needle`, as iptables-save prints them.

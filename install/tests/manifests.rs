@@ -136,7 +136,7 @@ fn validator_rejects_unknown_fields_wrong_types_and_bad_crd_fields() {
         ),
         (
             "daemonset.yaml",
-            "containerPort: 9353",
+            "containerPort: 9355",
             "containerPort: metrics-port",
             "containerPort",
         ),
@@ -257,15 +257,23 @@ fn nothing_collides_with_the_nodelocal_dnscache_addon() {
                 .iter()
                 .map(|p| p["port"].clone()),
         );
+    // The addon's ports: its CoreDNS's metrics (9253) and health (8080), node-cache's own
+    // metrics (9353).
+    const ADDON_PORTS: [u16; 3] = [9253, 9353, 8080];
     for port in ports {
-        assert_ne!(port, 9253, "the addon's metrics port");
+        assert!(
+            !ADDON_PORTS.iter().any(|p| port == *p),
+            "{port} is one of the addon's ports"
+        );
     }
     let cm = config_map(&objects);
     for (key, value) in cm["data"].as_object().unwrap() {
-        assert!(
-            !value.as_str().unwrap().ends_with(":9253"),
-            "{key} listens on the addon's metrics port"
-        );
+        for p in ADDON_PORTS {
+            assert!(
+                !value.as_str().unwrap().ends_with(&format!(":{p}")),
+                "{key} listens on the addon's port {p}"
+            );
+        }
     }
 }
 

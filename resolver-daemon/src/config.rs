@@ -256,18 +256,20 @@ pub struct Args {
     #[arg(long, env = "NODE_LOCAL_DNS_PREFETCH_RATE", default_value_t = 2000)]
     pub prefetch_rate: u32,
 
-    /// Prometheus metrics address (/metrics).
+    /// Prometheus metrics address (/metrics). Not the NodeLocal DNSCache addon's 9253 (its
+    /// CoreDNS) or 9353 (its node-cache), so both can run on one node.
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_METRICS_LISTEN",
-        default_value = "127.0.0.1:9253"
+        default_value = "127.0.0.1:9355"
     )]
     pub metrics_listen: SocketAddr,
-    /// Health address (/health alive, /ready listening and an upstream answered).
+    /// Health address (/health alive, /ready listening and an upstream healthy now). Not the
+    /// addon's 8080.
     #[arg(
         long,
         env = "NODE_LOCAL_DNS_HEALTH_LISTEN",
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:9354"
     )]
     pub health_listen: SocketAddr,
 

@@ -34,7 +34,7 @@ impl DaemonOptions {
         Self {
             cluster_dns,
             node_ip,
-            metrics: SocketAddr::from(([127, 0, 0, 1], 9353)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9355)),
             health: SocketAddr::from(([127, 0, 0, 1], 8080)),
             sync_interval_secs: 2,
             extra_args: Vec::new(),

@@ -229,8 +229,8 @@ impl SimNode {
             node::NODE_IP.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         );
         let n = self.daemon_count as u16;
-        // As the DaemonSet: metrics on $(NODE_IP):9353, health on 127.0.0.1:9354.
-        o.metrics = SocketAddr::new(o.node_ip, 9353 + 2 * n);
+        // As the DaemonSet: metrics on $(NODE_IP):9355, health on 127.0.0.1:9354.
+        o.metrics = SocketAddr::new(o.node_ip, 9355 + 2 * n);
         o.health = SocketAddr::from(([127, 0, 0, 1], 9354 + 2 * n));
         o
     }

@@ -427,7 +427,7 @@ mod tests {
                         "envFrom": [{"configMapRef": {"name": "cm-abc"}}],
                         "env": [
                             {"name": "NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-                            {"name": "LISTEN", "value": "$(NODE_IP):9353 $$(NODE_IP) $(NOPE)"},
+                            {"name": "LISTEN", "value": "$(NODE_IP):9355 $$(NODE_IP) $(NOPE)"},
                             {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "cm-abc", "key": "A"}}}
                         ],
                         "ports": [{"name": "health", "containerPort": 9354}],
@@ -454,7 +454,7 @@ mod tests {
             "envFrom beats service links"
         );
         assert_eq!(env["NODE_IP"], "192.168.200.2");
-        assert_eq!(env["LISTEN"], "192.168.200.2:9353 $(NODE_IP) $(NOPE)");
+        assert_eq!(env["LISTEN"], "192.168.200.2:9355 $(NODE_IP) $(NOPE)");
         assert_eq!(env["B"], "1");
     }
 
@@ -476,7 +476,7 @@ mod tests {
             "--security-opt no-new-privileges",
             "--memory 134217728 --memory-swap 134217728",
             "-v /run/x.lock:/run/x.lock",
-            "-e LISTEN=192.168.200.2:9353",
+            "-e LISTEN=192.168.200.2:9355",
             r#"--entrypoint ["bin","sub"] img:1 --x"#,
         ] {
             assert!(args.contains(part), "{part:?} missing from {args}");

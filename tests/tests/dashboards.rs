@@ -298,7 +298,7 @@ fn service_and_podmonitor_agree_on_port_labels_and_relabelling() {
     let port = &svc["spec"]["ports"][0];
     assert_eq!(
         (port["name"].as_str(), port["port"].as_u64()),
-        (Some("metrics"), Some(9353))
+        (Some("metrics"), Some(9355))
     );
     assert_eq!(
         svc["spec"]["selector"], pm["spec"]["selector"]["matchLabels"],

@@ -88,7 +88,7 @@ fn a_full_cache_stays_under_a_128_mib_limit() {
     let cg = MemCgroup::create("mem", LIMIT).unwrap();
     let bin = bin_path("node-local-dns-resolver");
     assert!(bin.exists(), "run cargo build --workspace --bins first");
-    let metrics: SocketAddr = format!("{LISTEN}:9353").parse().unwrap();
+    let metrics: SocketAddr = format!("{LISTEN}:9355").parse().unwrap();
     // Joins the cgroup before exec, so the budget is read inside the limit.
     let log = fs::File::create(dir.path().join("resolver.log")).unwrap();
     // nsenter, not `ip netns exec`, which mounts a fresh /sys without the cgroup mounts the

@@ -2,7 +2,7 @@
 //! (containerd, CRI-O, the kubelet, the daemon reading the plugin's counters) see the old file
 //! or the new one, never a half-written one.
 //!
-//! The rule (docs/design.md §3): write a temp file in the same directory whose name has no CNI
+//! The rule (docs/design-facts.md §3): write a temp file in the same directory whose name has no CNI
 //! extension (a runtime listing the conf dir mid-write cannot load it), fsync it, rename it over
 //! the target, fsync the directory; the written file keeps the replaced file's mode and owner.
 

@@ -59,7 +59,7 @@ impl Backend {
     }
 }
 
-/// The upstream iptables-wrapper heuristic (docs/design.md §1): the backend showing more
+/// The upstream iptables-wrapper heuristic (docs/design-facts.md §1): the backend showing more
 /// `KUBE-` chains is the one kube-proxy and kubelet use; nft when tied.
 pub fn pick_backend(legacy_kube_chains: usize, nft_kube_chains: usize) -> Backend {
     if legacy_kube_chains > nft_kube_chains {

@@ -66,7 +66,7 @@ impl Rule {
         quoted.join(" ")
     }
 
-    /// PREROUTING rules must stay above every other rule (docs/design.md §1): an ACCEPT above them
+    /// PREROUTING rules must stay above every other rule (docs/design-facts.md §1): an ACCEPT above them
     /// would silently disable the cache.
     pub fn must_be_first(&self) -> bool {
         self.chain == PREROUTING
@@ -184,7 +184,7 @@ pub fn prerouting_rule(ip: IpAddr, proto: &str, socket_match: SocketMatch) -> Ru
 }
 
 /// `-s CLUSTER_IP -p PROTO --sport 53 -j NOTRACK`: the cache's replies create no conntrack
-/// entries that would later break the fallback path (docs/design.md §1).
+/// entries that would later break the fallback path (docs/design-facts.md §1).
 pub fn output_rule(ip: IpAddr, proto: &str) -> Rule {
     let comment = format!("{COMMENT_PREFIX} {proto} replies from {ip} are not tracked");
     let args = [
@@ -237,7 +237,7 @@ impl SavedRule {
     /// The addon's NOTRACK for DNS to a kube-dns ClusterIP with no socket match (its raw
     /// PREROUTING rule for pods, its raw OUTPUT rule for hostNetwork clients). Once its cache
     /// is gone that rule still skips kube-proxy's DNAT, so DNS to the ClusterIP is delivered
-    /// to a port nobody listens on: it defeats our fallback (docs/design.md §1), and in OUTPUT
+    /// to a port nobody listens on: it defeats our fallback (docs/design-facts.md §1), and in OUTPUT
     /// it also loops our own upstream queries back to the node. The addon's other rules (for
     /// its link-local address, for replies, for its health port) do no harm beside ours.
     pub fn is_addon_cluster_dns_blackhole(&self, cluster_ips: &[IpAddr]) -> bool {

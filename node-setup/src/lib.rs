@@ -1,6 +1,6 @@
 //! Node setup shared by the CNI plugin, the resolver daemon and the installer: the
 //! `nodelocaldns` interface with the kube-dns ClusterIP(s) and local IPs, and the raw-table
-//! rules that send pod DNS to the cache while its socket is open (docs/design.md §1).
+//! rules that send pod DNS to the cache while its socket is open (docs/design-facts.md §1).
 //!
 //! The contract the plugin, daemon and installer code against:
 //! - `NodeConfig` is the desired state as data; `ensure_node` applies it idempotently in the

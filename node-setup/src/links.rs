@@ -53,7 +53,7 @@ pub enum AddLinkError {
 }
 
 /// Link kinds tried in order. `dummy` is the real-node kind; this kernel (and CI) lack it, and a
-/// port-less bridge delivers locally just as well, link up or down (docs/design.md §1).
+/// port-less bridge delivers locally just as well, link up or down (docs/design-facts.md §1).
 pub const LINK_KINDS: [&str; 2] = ["dummy", "bridge"];
 
 pub trait Links {
@@ -245,7 +245,7 @@ impl Links for Netlink {
         let res = self.rt.block_on(async move {
             let mut req = handle.address().add(index, addr.ip, addr.prefix);
             // Without NODAD an IPv6 address stays tentative (forever without carrier) and
-            // bind() fails (docs/design.md §1).
+            // bind() fails (docs/design-facts.md §1).
             let msg = req.message_mut();
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes

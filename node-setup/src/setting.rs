@@ -15,7 +15,7 @@ pub enum IptablesBackend {
 /// How the PREROUTING rules match the daemon's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SocketMatch {
-    /// `-m socket`: ignores wildcard (0.0.0.0:53) listeners (docs/design.md §1).
+    /// `-m socket`: ignores wildcard (0.0.0.0:53) listeners (docs/design-facts.md §1).
     #[default]
     Safe,
     /// The Deckhouse module's `-m socket --nowildcard` (documented hazard).

@@ -9,7 +9,7 @@
 # the driver: generator and upstream on CPU 0, server on CPU 1. Peers: unbound, ours.
 # THREADS=2 is the driver's 2t placement: the server on CPUs 0,1 (shared with the
 # generator), unbound with 2 threads, ours with --threads auto (one pinned thread per CPU).
-# WITH_KNOTD=1 adds authoritative knotd-auth (docs/design.md §6's floor; run bench/run.sh with it
+# WITH_KNOTD=1 adds authoritative knotd-auth (docs/design-facts.md §6's floor; run bench/run.sh with it
 # once). Each line also gives the machine's function-call IPIs a second (cross-CPU wake-ups
 # of an idle CPU), from /proc/interrupts, and the time the hypervisor stole from both vCPUs
 # (task clock counts it as run time, ticks mostly do not: discard a round with much steal).

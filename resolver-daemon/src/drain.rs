@@ -1,5 +1,5 @@
 //! Answers for UDP queries still in flight at shutdown. The listening socket closes first
-//! (docs/design.md §1: the closed socket is what sends pods to kube-proxy), so an answer that comes
+//! (docs/design-facts.md §1: the closed socket is what sends pods to kube-proxy), so an answer that comes
 //! back from the upstream afterwards leaves through a raw socket bound to the listener's
 //! address, with the listener's port as its source: the client's socket, connected to
 //! ClusterIP:53, takes it like any other answer. A raw socket claims no port, so the

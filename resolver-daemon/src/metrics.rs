@@ -1,4 +1,4 @@
-//! Prometheus metrics under the CoreDNS names operators already chart (docs/design.md §4), plus the
+//! Prometheus metrics under the CoreDNS names operators already chart (docs/design-facts.md §4), plus the
 //! node_local_dns_* extras. Hot paths hold pre-resolved handles (`ServerMetrics`) so counting
 //! a query is a few uncontended atomic adds, never a label lookup.
 

@@ -1,5 +1,5 @@
 //! Socket creation: listeners bound to exact addresses with IP_FREEBIND (they may bind before
-//! node setup adds the address), and the choice of upstream source address (docs/design.md §1).
+//! node setup adds the address), and the choice of upstream source address (docs/design-facts.md §1).
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;

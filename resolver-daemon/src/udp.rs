@@ -48,7 +48,7 @@ pub struct Miss {
 }
 
 /// Sends replies from the tokio side through a listener's socket. At shutdown the socket
-/// closes (docs/design.md §1: the closed socket is the fallback) and answers to queries still in
+/// closes (docs/design-facts.md §1: the closed socket is the fallback) and answers to queries still in
 /// flight leave through a raw socket with the listener's address and port (`drain`).
 #[derive(Clone)]
 pub struct ReplyHandle {

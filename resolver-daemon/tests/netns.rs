@@ -1,4 +1,4 @@
-//! Root test: the docs/design.md §1 topology in private network namespaces, beside each
+//! Root test: the docs/design-facts.md §1 topology in private network namespaces, beside each
 //! kube-proxy mode (iptables through iptables-legacy or iptables-nft, and nftables). A "pod"
 //! namespace queries the kube-dns ClusterIP; in the "node" namespace the daemon holds
 //! ClusterIP:53 on a node-local interface behind the raw NOTRACK rules, and forwards misses to
@@ -224,7 +224,7 @@ impl Topology {
         ]);
     }
 
-    /// The node-local interface and docs/design.md §1 raw rules, as node setup would make them.
+    /// The node-local interface and docs/design-facts.md §1 raw rules, as node setup would make them.
     fn cache_rules(&self, bin: &str) {
         let n = self.node.as_str();
         run(&[
@@ -407,7 +407,7 @@ fn scenario(mode: KubeProxyMode, tag: &str, daemon_does_setup: bool) {
     );
 
     // The daemon's upstream query left from the node IP, never from the ClusterIP it listens
-    // on (docs/design.md §1: that source is dropped as martian across nodes).
+    // on (docs/design-facts.md §1: that source is dropped as martian across nodes).
     let flows = output(&[
         "ip",
         "netns",

@@ -155,7 +155,7 @@ fn run_ip(ns: &str, args: &[&str]) -> Result<(), HarnessError> {
 }
 
 /// The addon's dummy interface with both addresses. This kernel has no dummy link type, so a
-/// port-less bridge stands in (it delivers locally just the same, docs/design.md §1).
+/// port-less bridge stands in (it delivers locally just the same, docs/design-facts.md §1).
 fn add_interface(ns: &Netns) -> Result<(), HarnessError> {
     if ns.ip(&["link", "add", INTERFACE, "type", "dummy"]).is_err() {
         ns.ip(&["link", "add", INTERFACE, "type", "bridge"])?;

@@ -100,7 +100,7 @@ impl Node {
     }
 
     /// eth0 to the "world" namespace and the default route through it (without one the
-    /// node's own queries to the ClusterIP fail before DNAT, docs/design.md §1).
+    /// node's own queries to the ClusterIP fail before DNAT, docs/design-facts.md §1).
     fn wire_uplink(&self) -> Result<(), HarnessError> {
         self.ns.ip(&[
             "link",

@@ -220,7 +220,7 @@ fn dashboard_has_the_rows_variables_and_panels_operators_expect() {
     assert_eq!(
         rows,
         expected.map(|(t, r)| (t.to_string(), r.to_string())),
-        "rows as docs/design.md §5"
+        "rows as docs/design-facts.md §5"
     );
 
     let vars = query_variables(&d).unwrap();

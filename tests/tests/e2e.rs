@@ -196,7 +196,7 @@ fn kill_and_restart_under_load(mode: KubeProxyMode, ports: PortMode) {
         "load generator kept ≥ 500 q/s: {}",
         describe(&report)
     );
-    // docs/design.md §1: the query in the socket's queue at the kill can be lost (a timeout),
+    // docs/design-facts.md §1: the query in the socket's queue at the kill can be lost (a timeout),
     // and so can one sent while the process was exiting that passed the `-m socket` rule just
     // before the socket closed (an ICMP refusal): at most one per query sent while it died,
     // plus the queued one. Only at the kill: losses later would mean conntrack entries pinning
@@ -391,7 +391,7 @@ fn wildcard_listener_does_not_capture(mode: KubeProxyMode) {
 }
 
 /// The control for test 6: the Deckhouse module's `--nowildcard` rule lets the same dnsmasq
-/// capture pod DNS (docs/design.md §1), so the test above can tell the two apart.
+/// capture pod DNS (docs/design-facts.md §1), so the test above can tell the two apart.
 fn nowildcard_rule_is_captured(mode: KubeProxyMode) {
     let report = pod_dns_with_wildcard_listener(mode, "nowildcard");
     eprintln!(
